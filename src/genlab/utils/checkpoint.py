@@ -1,0 +1,64 @@
+"""Self-describing checkpoints: the resolved model config travels inside the ``.ckpt``.
+
+``ModelConfigInCheckpoint`` (a callback the entry point always adds) writes the plain-dict model
+and data configs into every checkpoint; :func:`load` rebuilds the LightningModule from a
+checkpoint alone, with no config files and no Hydra (DESIGN.md, "The model contract").
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from genlab.utils.instantiate import instantiate
+
+MODEL_CONFIG_KEY = "genlab_model_config"
+DATA_CONFIG_KEY = "genlab_data_config"
+
+
+class ModelConfigInCheckpoint(L.Callback):
+    """Store the resolved model (and data) config in every checkpoint the trainer saves."""
+
+    def __init__(self, model_config: dict[str, Any], data_config: dict[str, Any] | None = None):
+        self.model_config = copy.deepcopy(model_config)
+        self.data_config = copy.deepcopy(data_config)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[MODEL_CONFIG_KEY] = self.model_config
+        if self.data_config is not None:
+            checkpoint[DATA_CONFIG_KEY] = self.data_config
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file onto the CPU, with a clear error when it is missing or foreign."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(path)!r}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or not a torch file
+        raise ValueError(f"ckpt_path={str(path)!r} is not a readable checkpoint: {err}") from err
+    if MODEL_CONFIG_KEY not in ckpt:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} has no {MODEL_CONFIG_KEY!r}: it was not written by a genlab "
+            "training run, so the model cannot be rebuilt from it"
+        )
+    return ckpt
+
+
+def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> L.LightningModule:
+    """Rebuild a genlab LightningModule, weights included, from a checkpoint file alone.
+
+    The module is returned in eval mode. Its ``on_load_checkpoint`` hook runs before the weights
+    are loaded, so state kept outside ``state_dict`` (a trained tokenizer) is restored too.
+    """
+    ckpt = read_checkpoint(path)
+    model = instantiate(ckpt[MODEL_CONFIG_KEY])
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+    model.genlab_checkpoint_path = str(path)
+    return model.to(map_location).eval()
