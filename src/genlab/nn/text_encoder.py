@@ -1,0 +1,42 @@
+"""A small trainable Transformer text encoder over token ids (CLIP / Imagen style)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TransformerTextEncoder(nn.Module):
+    """Token + learned position embeddings, pre-LN Transformer encoder layers, final LayerNorm.
+
+    Returns the per-token features for cross-attention and their mean over real tokens as the
+    pooled vector (the pooled text embedding that Imagen adds to the timestep embedding).
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int = 512,
+        context_length: int = 32,
+        width: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.vocab_size, self.context_length, self.width = vocab_size, context_length, width
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, mask: (B, L) → tokens (B, L, width), pooled (B, width)."""
+        x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]  # (B, L, W)
+        x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
+        weights = mask.to(x.dtype)[..., None]  # (B, L, 1)
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return x, pooled

@@ -1,0 +1,205 @@
+"""The diffusion UNet of Ho et al. 2020 with the conditioning of later work.
+
+Residual blocks with scale-shift timestep conditioning (Nichol & Dhariwal 2021, "adaptive group
+normalisation"), self-attention at chosen resolutions, cross-attention on text tokens
+(Rombach et al. 2022), a pooled text vector and/or class label added to the timestep embedding
+(Imagen / Dhariwal & Nichol), and optional coordinate channels (Liu et al. 2018, CoordConv) that
+make "top left" as easy to draw as "red". The network knows nothing of noise schedules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from genlab.nn.attention import AttentionImpl, SpatialAttention
+from genlab.nn.embeddings import TimestepEmbedding
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the embedding applied as scale and shift in between."""
+
+    def __init__(self, c_in: int, c_out: int, *, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # the residual branch starts at zero
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        scale, shift = self.emb(nn.functional.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(nn.functional.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels, then (if there is a context) cross-attention on tokens."""
+
+    def __init__(self, channels: int, *, heads: int, context_dim: int | None, groups: int, impl):
+        super().__init__()
+        self.self_attn = SpatialAttention(channels, heads=heads, groups=groups, impl=impl)
+        self.cross_attn = None
+        if context_dim is not None:
+            self.cross_attn = SpatialAttention(
+                channels, heads=heads, context_dim=context_dim, groups=groups, impl=impl
+            )
+
+    def forward(self, x, context=None, context_mask=None):
+        x = self.self_attn(x)
+        if self.cross_attn is not None and context is not None:
+            x = self.cross_attn(x, context, context_mask)
+        return x
+
+
+class Level(nn.Module):
+    """One ResBlock plus, at attention resolutions, an AttentionBlock."""
+
+    def __init__(self, c_in, c_out, *, emb_dim, groups, dropout, attn: AttentionBlock | None):
+        super().__init__()
+        self.res = ResBlock(c_in, c_out, emb_dim=emb_dim, groups=groups, dropout=dropout)
+        self.attn = attn
+
+    def forward(self, x, emb, context, context_mask):
+        x = self.res(x, emb)
+        return x if self.attn is None else self.attn(x, context, context_mask)
+
+
+class UNet(nn.Module):
+    """Encoder-decoder with skip connections, predicting a tensor shaped like its input.
+
+    Args:
+        in_channels / out_channels: image channels in and out (out = 2× in for learned variance).
+        channels: feature channels per resolution level; each level after the first halves H, W.
+        res_blocks: residual blocks per level in the encoder (the decoder has one more).
+        attention_levels: indices of levels with self-(and cross-)attention; the middle always
+            has it when ``mid_attention``.
+        heads: attention heads.
+        context_dim: width of text tokens for cross-attention, or None.
+        cond_dim: width of a pooled condition vector added to the timestep embedding, or None.
+        num_classes: number of class labels embedded and added to the timestep embedding; index
+            ``num_classes`` is the learned "no label" used by classifier-free guidance.
+        coord_channels: append the two pixel-coordinate channels to the input.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        channels: tuple[int, ...] | list[int] = (32, 64, 128),
+        res_blocks: int = 1,
+        attention_levels: tuple[int, ...] | list[int] = (2,),
+        mid_attention: bool = True,
+        heads: int = 4,
+        context_dim: int | None = None,
+        cond_dim: int | None = None,
+        num_classes: int | None = None,
+        dropout: float = 0.0,
+        groups: int = 8,
+        coord_channels: bool = True,
+        attn_impl: AttentionImpl = "auto",
+    ):
+        super().__init__()
+        channels = list(channels)
+        if any(c % groups for c in channels):
+            raise ValueError(f"unet channels={channels} must all be divisible by groups={groups}")
+        bad = [i for i in attention_levels if not 0 <= i < len(channels)]
+        if bad:
+            raise ValueError(f"attention_levels={list(attention_levels)}: no level {bad[0]}")
+        self.coord_channels = coord_channels
+        emb_dim = 4 * channels[0]
+        self.time_embed = TimestepEmbedding(channels[0], emb_dim)
+        self.cond_proj = None if cond_dim is None else nn.Linear(cond_dim, emb_dim)
+        self.label_embed = None if num_classes is None else nn.Embedding(num_classes + 1, emb_dim)
+
+        def block(c_in, c_out, level):
+            attn = None
+            if level in attention_levels:
+                attn = AttentionBlock(
+                    c_out, heads=heads, context_dim=context_dim, groups=groups, impl=attn_impl
+                )
+            return Level(c_in, c_out, emb_dim=emb_dim, groups=groups, dropout=dropout, attn=attn)
+
+        self.stem = nn.Conv2d(in_channels + 2 * coord_channels, channels[0], 3, padding=1)
+        self.down, skips, c = nn.ModuleList(), [channels[0]], channels[0]
+        for level, ch in enumerate(channels):
+            for _ in range(res_blocks):
+                self.down.append(block(c, ch, level))
+                c = ch
+                skips.append(c)
+            if level < len(channels) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+        mid_attn = None
+        if mid_attention:
+            mid_attn = AttentionBlock(
+                c, heads=heads, context_dim=context_dim, groups=groups, impl=attn_impl
+            )
+        self.mid = Level(c, c, emb_dim=emb_dim, groups=groups, dropout=dropout, attn=mid_attn)
+        self.mid2 = ResBlock(c, c, emb_dim=emb_dim, groups=groups, dropout=dropout)
+        self.up = nn.ModuleList()
+        for level, ch in reversed(list(enumerate(channels))):
+            for _ in range(res_blocks + 1):
+                self.up.append(block(c + skips.pop(), ch, level))
+                c = ch
+            if level > 0:
+                self.up.append(
+                    nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1))
+                )
+        self.head = nn.Sequential(
+            nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, out_channels, 3, padding=1)
+        )
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def embed(self, t, cond=None, labels=None) -> torch.Tensor:
+        """Timestep embedding plus the pooled condition and label embeddings, (B, emb_dim)."""
+        emb = self.time_embed(t)
+        if self.cond_proj is not None and cond is not None:
+            emb = emb + self.cond_proj(cond)
+        if self.label_embed is not None and labels is not None:
+            emb = emb + self.label_embed(labels)
+        return emb
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, C, H, W); t: (B,) timesteps; context: (B, M, context_dim); cond: (B, cond_dim)."""
+        emb = self.embed(t, cond, labels)
+        if self.coord_channels:
+            x = torch.cat([x, coordinate_channels(x)], dim=1)  # (B, C + 2, H, W)
+        h = self.stem(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb, context, context_mask) if isinstance(layer, Level) else layer(h)
+            hs.append(h)
+        h = self.mid2(self.mid(h, emb, context, context_mask), emb)
+        for layer in self.up:
+            if isinstance(layer, Level):
+                h = layer(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
+            else:
+                h = layer(h)
+        return self.head(h)
+
+
+def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
+    """Two channels holding each pixel's (y, x) position in [-1, 1], shaped (B, 2, H, W)."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # (2, H, W)
+    return grid.expand(b, 2, h, w)

@@ -1,0 +1,25 @@
+"""Learning-rate schedules used by the models' ``configure_optimizers``."""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine(
+    optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
+) -> LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` of the base lr at
+    ``total_steps`` (Loshchilov & Hutter 2017 without restarts). Stepped once per optimizer step."""
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(f"warmup_steps={warmup_steps}, total_steps={total_steps}: need >= 0, >= 1")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,103 @@
+"""Networks: attention implementations agree, embeddings, EMA, UNet shapes, tokenizer."""
+
+import logging
+import math
+
+import pytest
+import torch
+
+from genlab.data.tokenizer import BPETokenizer
+from genlab.nn.attention import attention
+from genlab.nn.ema import EMA
+from genlab.nn.embeddings import sinusoidal_embedding
+from genlab.nn.text_encoder import TransformerTextEncoder
+from genlab.nn.unet import UNet
+from genlab.utils.lr_schedule import warmup_cosine
+
+
+def test_sdpa_and_math_attention_agree_with_a_mask():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))
+    mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+    a = attention(q, k, v, mask, impl="sdpa")
+    b = attention(q, k, v, mask, impl="math")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # masked keys are ignored: changing them changes nothing
+    v2 = v.clone()
+    v2[1, :, 2:] = 100.0
+    torch.testing.assert_close(attention(q, k, v2, mask, impl="math")[1], b[1])
+
+
+def test_sinusoidal_embedding_values():
+    emb = sinusoidal_embedding(torch.tensor([0.0, 1.0]), 4)
+    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    # frequencies 1 and 1/100 for dim 4: exp(-ln(1e4) * [0, 1] / 2)
+    expected = torch.tensor([1.0, 0.01]).cos().tolist() + torch.tensor([1.0, 0.01]).sin().tolist()
+    torch.testing.assert_close(emb[1], torch.tensor(expected))
+
+
+def test_ema_warmup_and_update():
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.weight.data.fill_(0.0)
+    ema = EMA(net, decay=0.999)
+    net.weight.data.fill_(1.0)
+    ema.update(net)  # decay min(0.999, 1/10) = 0.1: 0.1·0 + 0.9·1
+    assert ema.module.weight.item() == pytest.approx(0.9)
+    assert ema.current_decay() == pytest.approx(2 / 11)
+    assert not ema.module.weight.requires_grad
+    for _ in range(100_000 - 1):
+        ema.num_updates += 1
+    assert ema.current_decay() == pytest.approx(0.999)
+
+
+def test_unet_output_shape_and_zero_init():
+    net = UNet(context_dim=16, cond_dim=16, channels=(16, 32), attention_levels=(1,), heads=2)
+    x = torch.randn(2, 3, 16, 16)
+    ctx, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    out = net(x, torch.tensor([3, 900]), context=ctx, context_mask=mask, cond=torch.randn(2, 16))
+    assert out.shape == x.shape
+    assert torch.all(out == 0)  # zero-initialised head: the untrained net predicts ε̂ = 0
+
+
+def test_unet_rejects_bad_config():
+    with pytest.raises(ValueError, match="groups"):
+        UNet(channels=(30, 60), groups=8)
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNet(channels=(16, 32), attention_levels=(3,))
+
+
+def test_text_encoder_ignores_padding():
+    enc = TransformerTextEncoder(vocab_size=20, context_length=6, width=16, layers=1, heads=2)
+    ids = torch.tensor([[2, 5, 6, 3, 0, 0], [2, 5, 6, 3, 9, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    tokens, pooled = enc(ids, mask)
+    assert tokens.shape == (2, 6, 16) and pooled.shape == (2, 16)
+    torch.testing.assert_close(pooled[0], pooled[1])  # padded positions do not matter
+
+
+def test_tokenizer_round_trip_and_truncation(caplog):
+    tok = BPETokenizer.train(["a large red circle at the top left"] * 20, vocab_size=64)
+    ids, mask = tok.encode(["a red circle", ""], context_length=8)
+    assert ids[0, 0] == tok.bos_id and ids[1].tolist()[:2] == [tok.bos_id, tok.eos_id]
+    assert tok.decode(ids[0].tolist()) == "a red circle"
+    assert mask.sum(1).tolist() == [int((ids[0] != tok.pad_id).sum()), 2]
+    again = BPETokenizer.from_json(tok.to_json())
+    torch.testing.assert_close(again.encode(["a red circle"], context_length=8)[0], ids[:1])
+    with caplog.at_level(logging.WARNING):
+        long_ids, _ = tok.encode(["a large red circle at the top left " * 3], context_length=8)
+    assert long_ids[0, -1] == tok.eos_id and "truncated" in caplog.text
+    with pytest.raises(ValueError, match="no captions"):
+        BPETokenizer.train([], vocab_size=64)
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=110, warmup_steps=10)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.5)
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(0.99 * math.pi)))
