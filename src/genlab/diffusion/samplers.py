@@ -29,6 +29,13 @@ def _predict(eps_fn: EpsFn, x, t: int, alpha_bar_t: torch.Tensor, clip_x0: bool)
     return x0, eps
 
 
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn on the generator's device (a CPU generator
+    gives the same samples whatever device x is on)."""
+    device = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, device=device).to(x.device)
+
+
 def _pairs(alpha_bar: torch.Tensor, timesteps: torch.Tensor, device):
     """(t, ᾱ_t, ᾱ_prev) for each step, with ᾱ_prev = 1 after the last step (x_0 itself)."""
     ab = alpha_bar.to(device=device, dtype=torch.float32)
@@ -58,7 +65,7 @@ def ddim_sample(
         sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
         x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
         if eta > 0 and t > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+            x = x + sigma * _noise(x, generator)
     return x
 
 
@@ -85,5 +92,5 @@ def ddpm_sample(
         var = beta * (1 - ab_prev) / (1 - ab_t) if variance == "small" else beta
         x = mean
         if t > 0:
-            x = x + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device)
+            x = x + var.sqrt() * _noise(x, generator)
     return x

@@ -56,7 +56,17 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> L.Lig
     The module is returned in eval mode. Its ``on_load_checkpoint`` hook runs before the weights
     are loaded, so state kept outside ``state_dict`` (a trained tokenizer) is restored too.
     """
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path=path, map_location=map_location)
+
+
+def model_from_checkpoint(
+    ckpt: dict[str, Any], *, path: str | Path, map_location: str | torch.device = "cpu"
+) -> L.LightningModule:
+    """Rebuild the LightningModule of a checkpoint already read by :func:`read_checkpoint`.
+
+    For callers that also need the checkpoint's other entries (its stored data config), so the
+    file is read once.
+    """
     model = instantiate(ckpt[MODEL_CONFIG_KEY])
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"])

@@ -1,0 +1,152 @@
+"""Draw a grid of samples for a fixed set of prompts during training and at its end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+
+from genlab.utils.images import grid_to_pil, save_image_grid
+from genlab.utils.rank_logging import RankedLogger
+
+log = RankedLogger(__name__, rank_zero_only=True)
+
+
+class SampleGrid(L.Callback):
+    """Save (and log) a grid of generated images every ``every_n_epochs`` and at train end.
+
+    The conditions are fixed for the whole run (``prompts``, else the datamodule's
+    ``sample_prompts(num_samples)``; labels or ``n`` for label-conditional or unconditional models,
+    see :meth:`grid_inputs`), and every grid starts from a generator seeded with ``seed``, so
+    grids of successive epochs differ only by the weights. Grids go to
+    ``<output_dir>/samples/step_{global_step:06d}.png`` and ``samples/final.png`` (from the final
+    weights), prompts (or class names) in grid order, row-major, to ``samples/prompts.txt``, and
+    the grid to every logger that takes images (TensorBoard ``add_image``, W&B ``log_image``).
+
+    Only global rank zero generates, saves and logs. That is safe because ``generate`` calls the
+    LightningModule directly, not the DDP wrapper, so it runs no collective operation; the other
+    ranks go on to the next step and wait for rank zero in the gradient all-reduce.
+
+    Args:
+        output_dir: the run folder; default ``trainer.default_root_dir``.
+        num_samples: images per grid.
+        every_n_epochs: draw a grid after every n-th validation epoch (0: only at train end).
+        prompts: fixed prompts instead of the datamodule's.
+        seed: seed of the generator every grid starts from.
+        sampler, steps, guidance_scale, eta: sampling options passed to ``generate``.
+        nrow: images per row of the grid; default a near-square grid.
+    """
+
+    def __init__(
+        self,
+        *,
+        output_dir: str | None = None,
+        num_samples: int = 16,
+        every_n_epochs: int = 1,
+        prompts: list[str] | None = None,
+        seed: int = 0,
+        sampler: str = "ddim",
+        steps: int = 50,
+        guidance_scale: float = 3.0,
+        eta: float = 0.0,
+        nrow: int | None = None,
+    ) -> None:
+        if num_samples < 1 or every_n_epochs < 0:
+            raise ValueError(
+                f"callbacks.sample_grid: num_samples={num_samples} must be >= 1 and "
+                f"every_n_epochs={every_n_epochs} >= 0"
+            )
+        self.output_dir = output_dir
+        self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
+        self.prompts, self.seed, self.nrow = prompts, seed, nrow
+        self.sampling = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
+        self.sampling["eta"] = eta
+        self.last_grid: tuple[int, torch.Tensor] | None = None
+        self.inputs: dict[str, Any] | None = None
+        self.grid_text: list[str] | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        due = self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if fitting and due and trainer.is_global_zero:
+            self.draw(trainer, pl_module, f"step_{trainer.global_step:06d}", key="samples")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.draw(trainer, pl_module, "final", key="samples/final")
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, key: str) -> None:
+        """Generate (or reuse this step's) grid, save it as ``samples/<name>.png`` and log it."""
+        samples_dir = Path(self.output_dir or trainer.default_root_dir, "samples")
+        step = trainer.global_step
+        if self.last_grid is not None and self.last_grid[0] == step:
+            grid = self.last_grid[1]  # the final weights were already drawn at this step
+            grid_to_pil(grid).save(samples_dir / f"{name}.png")
+        else:
+            images = self.generate(trainer, pl_module, self.grid_inputs(trainer, pl_module))
+            grid = save_image_grid(images, samples_dir / f"{name}.png", nrow=self.nrow)
+            self.last_grid = (step, grid)
+        weights = "EMA" if getattr(pl_module, "uses_ema", False) else "raw (no EMA)"
+        caption = (
+            f"step {step}, {weights} weights, {self.sampling['sampler']} "
+            f"{self.sampling['steps']} steps, guidance {self.sampling['guidance_scale']}, "
+            f"seed {self.seed}"
+        )
+        log.info(f"sample grid {samples_dir / name}.png: {caption}")
+        log_grid(trainer, key, grid, step, caption)
+        if self.grid_text and not (samples_dir / "prompts.txt").exists():
+            (samples_dir / "prompts.txt").write_text("\n".join(self.grid_text) + "\n")
+
+    def grid_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The ``generate`` arguments shared by every grid of the run, chosen at the first one.
+
+        A model whose ``condition`` is ``"label"`` draws labels 0, 1, ... cycling over its
+        ``num_classes``; one whose ``condition`` is ``"none"``, or a datamodule without captions,
+        draws ``n=num_samples``; any other model draws the fixed prompts. ``grid_text`` keeps
+        what each image shows, in grid order, for ``prompts.txt``.
+        """
+        if self.inputs is not None:
+            return self.inputs
+        condition = getattr(pl_module, "condition", None)
+        datamodule = getattr(trainer, "datamodule", None)
+        prompts = self.prompts
+        if condition == "label":
+            labels = [i % pl_module.num_classes for i in range(self.num_samples)]
+            names = getattr(datamodule, "class_names", None)
+            self.inputs = {"labels": labels}
+            self.grid_text = [names[i] if names else f"label {i}" for i in labels]
+            return self.inputs
+        if prompts is None and datamodule is not None and condition != "none":
+            prompts = datamodule.sample_prompts(self.num_samples)
+        if condition == "none" or prompts is None:
+            self.inputs = {"n": self.num_samples}
+        else:
+            self.inputs, self.grid_text = {"prompts": list(prompts)}, list(prompts)
+        return self.inputs
+
+    def generate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Draw the grid's images in eval mode, at the trainer's precision, from ``seed``."""
+        generator = torch.Generator().manual_seed(self.seed)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                return pl_module.generate(generator=generator, **inputs, **self.sampling)
+        finally:
+            pl_module.train(was_training)
+
+
+def log_grid(trainer: L.Trainer, key: str, grid: torch.Tensor, step: int, caption: str) -> None:
+    """Send a uint8 ``(3, H, W)`` grid to every logger of ``trainer`` that takes images."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, grid, global_step=step)
+            logger.experiment.add_text(f"{key}/caption", caption, global_step=step)
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[grid_to_pil(grid)], caption=[caption], step=step)

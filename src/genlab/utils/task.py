@@ -1,0 +1,94 @@
+"""What every entry point does around its task: optional extras, failure handling, the metric.
+
+``task_wrapper`` makes a failed job log its exception and close its loggers before re-raising,
+so that the next job of a Hydra multirun (or an Optuna trial) starts clean: W&B in particular
+would otherwise attach the next job to the failed job's run.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from omegaconf import DictConfig
+
+from genlab.utils.rank_logging import RankedLogger
+from genlab.utils.rich_utils import enforce_tags, print_config_tree
+
+log = RankedLogger(__name__, rank_zero_only=True)
+
+TaskResult = tuple[dict[str, Any], dict[str, Any]]
+
+
+def extras(cfg: DictConfig) -> None:
+    """Apply the optional ``extras`` of a config: silence warnings, require tags, print the tree.
+
+    Each is off unless ``cfg.extras.<name>`` is true: ``ignore_warnings``, ``enforce_tags``,
+    ``print_config`` (printed with rich and saved to ``<output_dir>/config_tree.log``).
+    """
+    options = cfg.get("extras")
+    if not options:
+        log.warning("no `extras` config: skipping warnings filter, tag check and config printing")
+        return
+    if options.get("ignore_warnings"):
+        log.info("extras.ignore_warnings=true: silencing Python warnings")
+        warnings.filterwarnings("ignore")
+    if options.get("enforce_tags"):
+        enforce_tags(cfg)
+    if options.get("print_config"):
+        print_config_tree(cfg, resolve=True, save_to_file=True)
+
+
+def task_wrapper(task: Callable[[DictConfig], TaskResult]) -> Callable[[DictConfig], TaskResult]:
+    """Wrap an entry point's task so a failure is logged, loggers are closed, and it re-raises.
+
+    The output folder is logged in every case, so a user knows where to look.
+    """
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig) -> TaskResult:
+        failed = True
+        try:
+            result = task(cfg)
+            failed = False
+            return result
+        except Exception:
+            log.exception("task failed")
+            raise
+        finally:
+            close_loggers(failed=failed)
+            log.info(f"output dir: {cfg.paths.output_dir}")
+
+    return wrapped
+
+
+def close_loggers(*, failed: bool = False) -> None:
+    """Finish the active W&B run, if W&B was imported (marked failed with exit code 1)."""
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        log.info("closing the W&B run")
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def get_metric_value(metric_dict: Mapping[str, Any], metric_name: str | None) -> float | None:
+    """Return ``metric_dict[metric_name]`` as a float (for Optuna), or None when no name is set.
+
+    Raises:
+        KeyError: naming the metric and the ones that were logged.
+    """
+    if not metric_name:
+        return None
+    if metric_name not in metric_dict:
+        raise KeyError(
+            f"optimized_metric={metric_name!r} was not logged by this run; logged metrics: "
+            f"{sorted(metric_dict)}. Set optimized_metric to one of them, or to null."
+        )
+    value = float(metric_dict[metric_name])
+    log.info(f"retrieved {metric_name}={value}")
+    return value

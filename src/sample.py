@@ -1,0 +1,106 @@
+"""Draw images from a checkpoint into one PNG grid (config: ``conf/sample.yaml``).
+
+``python src/sample.py ckpt_path=... prompt="a red circle at the top left" n=16`` writes ``out``
+(default ``<run folder>/samples.png``): one row of ``n`` images per prompt, and the prompts in row
+order next to it (``.txt``). Prompts come from ``prompt`` (a string or a list) or
+``prompts_file`` (one per line); with neither, an unconditional model draws ``n`` images.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from genlab.utils.checkpoint import load
+from genlab.utils.images import save_image_grid
+from genlab.utils.rank_logging import RankedLogger
+from genlab.utils.task import TaskResult, extras, task_wrapper
+from genlab.utils.validation import validate_config
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+log = RankedLogger(__name__, rank_zero_only=True)
+
+SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta")
+TOP_LEVEL = {
+    "task_name": str,
+    "tags": list[str] | None,
+    "ckpt_path": str,
+    "prompt": str | list[str] | None,
+    "prompts_file": str | None,
+    "n": int,
+    "seed": int,
+    "sampler": str | None,
+    "steps": int | None,
+    "guidance_scale": float | None,
+    "eta": float | None,
+    "device": str,
+    "out": str,
+}
+
+
+@task_wrapper
+def sample(cfg: DictConfig) -> TaskResult:
+    """Generate ``n`` images per prompt from ``cfg.ckpt_path`` and save them as one grid."""
+    prompts = read_prompts(cfg.get("prompt"), cfg.get("prompts_file"))
+    if cfg.n < 1:
+        raise ValueError(f"n={cfg.n}: need at least one image (per prompt)")
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    model = load(cfg.ckpt_path, map_location=device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    options = {key: cfg[key] for key in SAMPLING_KEYS if cfg.get(key) is not None}
+    log.info(f"drawing {cfg.n} image(s) per prompt for {len(prompts or [None])} prompt(s)")
+    images = model.generate(prompts, n=cfg.n, generator=generator, **options)
+    out = Path(cfg.out)
+    save_image_grid(images, out, nrow=cfg.n if prompts else None)
+    if prompts:
+        out.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+    weights = "EMA" if getattr(model, "uses_ema", False) else "raw"
+    log.info(f"{len(images)} images ({weights} weights) written to {out}")
+    print(f"samples written to {out}")
+    return {}, {"cfg": cfg, "model": model, "images": images}
+
+
+def read_prompts(prompt: str | ListConfig | None, prompts_file: str | None) -> list[str] | None:
+    """The prompts from ``prompt`` (a string or list) or ``prompts_file``; None for neither.
+
+    Raises:
+        ValueError: for both given, an empty prompt, or a missing or empty prompts file.
+    """
+    if prompt is not None and prompts_file is not None:
+        raise ValueError("give prompt=... or prompts_file=..., not both")
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise ValueError(f"prompts_file={prompts_file!r}: no such file")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompts_file={prompts_file!r} has no prompt (one per line)")
+        return prompts
+    if prompt is None:
+        return None
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            where = "prompt" if isinstance(prompt, str) else f"prompt[{i}]"
+            raise ValueError(
+                f'{where}={text!r} is empty: give some text, e.g. prompt="a red circle"'
+            )
+    return prompts
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample.yaml")
+def main(cfg: DictConfig) -> None:
+    """Validate the composed config, then sample."""
+    validate_config(cfg, TOP_LEVEL)
+    extras(cfg)
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

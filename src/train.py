@@ -1,0 +1,99 @@
+"""Train a model: ``python src/train.py [key=value ...]`` (config: ``conf/train.yaml``).
+
+Compose the config, validate it, instantiate data, model, callbacks, loggers and trainer, fit,
+then test the best checkpoint. Returns ``optimized_metric`` for Hydra sweepers (Optuna).
+Runs without installing genlab: Python puts this file's folder (``src/``) on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from genlab.utils.checkpoint import ModelConfigInCheckpoint
+from genlab.utils.instantiate import instantiate
+from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
+from genlab.utils.logging_utils import log_hyperparameters
+from genlab.utils.rank_logging import RankedLogger
+from genlab.utils.task import TaskResult, extras, get_metric_value, task_wrapper
+from genlab.utils.validation import ConfigError, validate_config
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+log = RankedLogger(__name__, rank_zero_only=True)
+
+TOP_LEVEL = {
+    "task_name": str,
+    "tags": list[str] | None,
+    "train": bool,
+    "test": bool,
+    "ckpt_path": str | None,
+    "seed": int | None,
+    "optimized_metric": str | None,
+}
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> TaskResult:
+    """Fit ``cfg.model`` on ``cfg.data`` (resuming from ``cfg.ckpt_path``), then test it.
+
+    The model and data are built from their resolved plain-dict configs with genlab's own
+    ``instantiate``, the same dicts the checkpoints store, so ``genlab.load`` rebuilds exactly
+    the model that was trained.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    log.info(f"instantiating data <{data_cfg['_target_']}>")
+    datamodule = instantiate(data_cfg)
+    log.info(f"instantiating model <{model_cfg['_target_']}>")
+    model = instantiate(model_cfg)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks.append(ModelConfigInCheckpoint(model_cfg, data_cfg))
+    loggers = instantiate_loggers(
+        cfg.get("logger"), output_dir=cfg.paths.output_dir, ckpt_path=cfg.get("ckpt_path")
+    )
+    log.info(f"instantiating trainer <{cfg.trainer._target_}>")
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    log_hyperparameters(cfg=cfg, model=model, trainer=trainer)
+    if cfg.train:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = dict(trainer.callback_metrics)
+    if cfg.test:
+        trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint_to_test(trainer, cfg))
+        metrics.update(trainer.callback_metrics)
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+    return metrics, objects
+
+
+def checkpoint_to_test(trainer: L.Trainer, cfg: DictConfig) -> str | None:
+    """The best checkpoint by the monitored metric, else ``cfg.ckpt_path``, else None (current
+    weights, with a warning)."""
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") if callback is not None else ""
+    if best:
+        log.info(f"testing the best checkpoint {best}")
+        return best
+    if cfg.get("ckpt_path") and not cfg.train:
+        return cfg.ckpt_path
+    log.warning("no best checkpoint was saved: testing the current weights")
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    """Validate the composed config, train, and return the metric named by optimized_metric."""
+    validate_config(cfg, TOP_LEVEL)
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    extras(cfg)
+    metrics, _ = train(cfg)
+    return get_metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""A user's bad command line fails within seconds, before any data or model is built, with a
+short message that names the offending key. (Literal and top-level types are covered in-process
+by tests/test_utils.py; each case here costs a Python start-up.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import run_entry
+
+SECONDS = 20  # the whole subprocess, imports included
+
+CASES = [
+    # (entry point, overrides, text the error must contain)
+    ("train.py", ["trainer.max_steps=abc"], "trainer.max_steps='abc': expected int"),
+    ("train.py", ["model.optimizer.lr=fast"], "model.optimizer.lr='fast': expected float"),
+    ("train.py", ["data.resolution=abc"], "data.resolution='abc': expected int"),
+    ("train.py", ["data.nonexistent=1"], "data.nonexistent"),
+    ("train.py", ["+model.net.channels_mult=[1,2]"], "model.net.channels_mult: unknown key"),
+    ("train.py", ["model=nonexistent"], "model/nonexistent"),
+    ("train.py", ["ckpt_path=missing.ckpt"], "ckpt_path='missing.ckpt': no such checkpoint"),
+    ("eval.py", [], "ckpt_path is mandatory"),
+    ("sample.py", ["ckpt_path=model.ckpt", "prompt="], "prompt='' is empty"),
+    ("sample.py", ["ckpt_path=model.ckpt", "n=many"], "n='many': expected int"),
+]
+
+
+@pytest.mark.parametrize(
+    ("script", "overrides", "message"), CASES, ids=[f"{s}:{' '.join(o)}" for s, o, _ in CASES]
+)
+def test_bad_input_fails_fast_naming_the_key(
+    script: str, overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    result = run_entry(script, *overrides, f"hydra.run.dir={tmp_path / 'run'}", tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-3000:]
+    assert result.seconds < SECONDS, f"took {result.seconds:.1f} s to fail"
+    assert len(result.stderr.splitlines()) < 25, f"not a short message:\n{result.stderr}"
+    assert not (tmp_path / "run" / "checkpoints").exists()

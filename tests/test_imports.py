@@ -1,0 +1,102 @@
+"""The import rules of DESIGN.md, checked on the source with ``ast`` (lazy imports included):
+
+* layers: ``nn → diffusion → models → callbacks → entry points``; a layer imports nothing from a
+  layer to its right, and nothing in ``genlab`` imports the entry points;
+* ``data``, ``metrics`` and ``utils`` import nothing from ``models`` (nor ``callbacks``);
+* only ``genlab.utils`` (and the entry points) import ``hydra`` or ``omegaconf``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+SRC = ROOT / "src"
+LAYERS = ["nn", "diffusion", "models", "callbacks"]
+ENTRY_POINTS = {"train", "eval", "sample"}
+NO_MODELS = {"data", "metrics", "utils"}
+CONFIG_LIBRARIES = {"hydra", "omegaconf"}
+
+
+def module_name(path: Path) -> str:
+    """``src/genlab/nn/unet.py`` → ``genlab.nn.unet``; a package's ``__init__`` is the package."""
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every module that ``source`` imports anywhere (relative imports resolved)."""
+    package = module if is_package else module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def violations(module: str, imports: set[str]) -> list[str]:
+    """The import rules that ``module`` (importing ``imports``) breaks."""
+    parts = module.split(".")
+    if parts[0] != "genlab":
+        return []
+    sub = parts[1] if len(parts) > 1 else ""
+    found = []
+    for name in sorted(imports):
+        top, _, rest = name.partition(".")
+        target = rest.split(".")[0] if top == "genlab" else ""
+        if top in CONFIG_LIBRARIES and sub != "utils":
+            found.append(f"{module} imports {name}: only genlab.utils may touch Hydra/OmegaConf")
+        if top in ENTRY_POINTS:
+            found.append(f"{module} imports the entry point {name}")
+        if sub in LAYERS and target in LAYERS and LAYERS.index(target) > LAYERS.index(sub):
+            found.append(f"{module} imports {name}: {sub} comes before {target}")
+        if sub in NO_MODELS and target in {"models", "callbacks"}:
+            found.append(f"{module} imports {name}: {sub} must not depend on {target}")
+    return found
+
+
+SOURCES = sorted((SRC / "genlab").rglob("*.py")) + sorted(SRC.glob("*.py"))
+
+
+def test_sources_are_found() -> None:
+    names = {module_name(p) for p in SOURCES}
+    assert {"genlab.utils.checkpoint", "genlab.callbacks.sample_grid", "train", "eval"} <= names
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(SRC)))
+def test_import_rules(path: Path) -> None:
+    module = module_name(path)
+    imports = imported_modules(path.read_text(), module, path.name == "__init__.py")
+    assert violations(module, imports) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "broken"),
+    [
+        ("genlab.nn.unet", "from genlab.models.ddpm import DDPM", "nn comes before models"),
+        ("genlab.diffusion.samplers", "from ..callbacks import x", "diffusion comes before"),
+        ("genlab.models.ddpm", "def f():\n    import omegaconf", "only genlab.utils may"),
+        ("genlab.data.shapes", "import genlab.models.ddpm", "data must not depend on models"),
+        ("genlab.utils.images", "from genlab.models import ddpm", "utils must not depend"),
+        ("genlab.callbacks.sample_grid", "import train", "imports the entry point"),
+    ],
+)
+def test_checker_catches_violations(module: str, source: str, broken: str) -> None:
+    found = violations(module, imported_modules(source, module))
+    assert any(broken in v for v in found), found
+
+
+def test_checker_allows_the_permitted_direction() -> None:
+    allowed = "from genlab.nn.unet import UNet\nfrom ..diffusion import samplers\nimport torch"
+    assert violations("genlab.models.ddpm", imported_modules(allowed, "genlab.models.ddpm")) == []
+    assert violations("genlab.utils.task", imported_modules("import omegaconf", "x")) == []

@@ -1,0 +1,70 @@
+"""Hydra multirun: a grid of two jobs in two folders, an Optuna sweep of two trials that
+optimizes the metric train.py returns, and the tag requirement of sweeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from conftest import TINY, check_ok, run_entry
+
+# sweeps need no test pass, grid or checkpoint of their own to check what they check
+QUICK = [*TINY, "test=false", "callbacks.sample_grid=null", "callbacks.lr_monitor=null"]
+
+
+def test_multirun_two_jobs_two_folders(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "multirun"
+    result = run_entry(
+        "train.py",
+        "-m",
+        *QUICK,
+        "model.optimizer.lr=1e-4,3e-4",
+        "tags=[lr_sweep]",
+        f"hydra.sweep.dir={sweep_dir}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    for job, lr in (("0", 1e-4), ("1", 3e-4)):
+        config = yaml.safe_load((sweep_dir / job / ".hydra" / "config.yaml").read_text())
+        assert config["model"]["optimizer"]["lr"] == lr
+        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_multirun_without_tags_is_an_error(tmp_path: Path) -> None:
+    result = run_entry(
+        "train.py",
+        "-m",
+        "model.optimizer.lr=1e-4,3e-4",
+        "tags=[]",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        tmp_path=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "tags is empty: a multirun needs tags" in result.stderr + result.stdout
+
+
+def test_optuna_sweep_two_trials(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "optuna"
+    result = run_entry(
+        "train.py",
+        "-m",
+        "hparams_search=ddpm_optuna",
+        *QUICK,
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        f"hydra.sweep.dir={sweep_dir}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["name"] == "optuna"
+    assert 0 < float(results["best_value"]) < 10  # val/loss returned by train.py's main
+    # data.batch_size is searched too, but fixed here by the command line (TINY)
+    assert set(results["best_params"]) == {
+        "model.optimizer.lr",
+        "model.optimizer.weight_decay",
+        "model.lr_scheduler.warmup_steps",
+        "model.ema_decay",
+    }
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
