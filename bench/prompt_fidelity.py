@@ -124,7 +124,9 @@ def main() -> None:
             steps=args.steps,
             guidance_scale=args.guidance,
         )
-        label = f"{args.sampler}-{args.steps} w={args.guidance} ({time.perf_counter() - start:.0f}s)"
+        label = (
+            f"{args.sampler}-{args.steps} w={args.guidance} ({time.perf_counter() - start:.0f}s)"
+        )
     result = score(prompts, images, data.shapes, data.colors)
     print(f"{label}: n={args.n} " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
 
