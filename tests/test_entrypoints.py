@@ -144,3 +144,25 @@ def test_resume_continues_steps_and_wandb_run(trained_run: Path, tmp_path: Path)
     first_id = (trained_run / "wandb_id.txt").read_text()
     assert (run_dir / "wandb_id.txt").read_text() == first_id
     assert wandb_run_dirs(run_dir)[0].name.endswith(first_id.strip())
+
+
+def test_label_conditional_ddpm_trains_on_digits_and_samples(tmp_path: Path) -> None:
+    """The label alternative to text conditioning: model=ddpm_label data=digits, 1 channel."""
+    run_dir = tmp_path / "run"
+    shapes_only = ("model.text_encoder", "data.train_size", "data.val_size", "data.test_size")
+    overrides = [o for o in TINY if not o.startswith(shapes_only)]
+    result = run_entry(
+        "train.py",
+        *overrides,
+        "model=ddpm_label",
+        "data=digits",
+        f"hydra.run.dir={run_dir}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    model = genlab.load(run_dir / "checkpoints" / "last.ckpt")
+    assert model.condition == "label" and model.channels == 1
+    images = model.generate(labels=[3, 7], steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 1, 16, 16)
+    grid_text = (run_dir / "samples" / "prompts.txt").read_text().splitlines()
+    assert grid_text[:2] == ["zero", "one"]  # the class names of the labels drawn

@@ -277,7 +277,7 @@ class ShapesDataset(Dataset):
         shapes: Sequence[str] = DEFAULT_SHAPES,
         colors: Sequence[str] = DEFAULT_COLORS,
         min_objects: int = 1,
-        max_objects: int = 1,
+        max_objects: int = 2,
         jitter: float = 0.5,
         hold_out: bool = True,
     ) -> None:
@@ -349,7 +349,7 @@ class ShapesDataModule(GenDataModule):
         shapes: Sequence[str] = DEFAULT_SHAPES,
         colors: Sequence[str] = DEFAULT_COLORS,
         min_objects: int = 1,
-        max_objects: int = 1,
+        max_objects: int = 2,
         jitter: float = 0.5,
         hold_out: bool = True,
         train_size: int = 20000,

@@ -77,7 +77,8 @@ class UNet(nn.Module):
     Args:
         in_channels / out_channels: image channels in and out (out = 2× in for learned variance).
         channels: feature channels per resolution level; each level after the first halves H, W.
-        res_blocks: residual blocks per level in the encoder (the decoder has one more).
+        res_blocks: residual blocks per level, in the encoder and in the decoder; the decoder's
+            first block of each level also reads the encoder's output at that level (skip).
         attention_levels: indices of levels with self-(and cross-)attention; the middle always
             has it when ``mid_attention``.
         heads: attention heads.
@@ -128,31 +129,33 @@ class UNet(nn.Module):
             return Level(c_in, c_out, emb_dim=emb_dim, groups=groups, dropout=dropout, attn=attn)
 
         self.stem = nn.Conv2d(in_channels + 2 * coord_channels, channels[0], 3, padding=1)
-        self.down, skips, c = nn.ModuleList(), [channels[0]], channels[0]
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        c, skips = channels[0], []
         for level, ch in enumerate(channels):
-            for _ in range(res_blocks):
-                self.down.append(block(c, ch, level))
-                c = ch
-                skips.append(c)
+            blocks = [block(c if i == 0 else ch, ch, level) for i in range(res_blocks)]
+            self.down.append(nn.ModuleList(blocks))
+            c = ch
+            skips.append(c)
             if level < len(channels) - 1:
-                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-                skips.append(c)
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
         mid_attn = None
         if mid_attention:
             mid_attn = AttentionBlock(
                 c, heads=heads, context_dim=context_dim, groups=groups, impl=attn_impl
             )
         self.mid = Level(c, c, emb_dim=emb_dim, groups=groups, dropout=dropout, attn=mid_attn)
-        self.mid2 = ResBlock(c, c, emb_dim=emb_dim, groups=groups, dropout=dropout)
-        self.up = nn.ModuleList()
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for level, ch in reversed(list(enumerate(channels))):
-            for _ in range(res_blocks + 1):
-                self.up.append(block(c + skips.pop(), ch, level))
-                c = ch
+            blocks = [
+                block((c + skips.pop()) if i == 0 else ch, ch, level) for i in range(res_blocks)
+            ]
+            self.up.append(nn.ModuleList(blocks))
+            c = ch
             if level > 0:
-                self.up.append(
-                    nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1))
-                )
+                # transposed 2×2 convolution: learned upsampling at a quarter of the cost of
+                # nearest-neighbour upsampling followed by a 3×3 convolution
+                self.upsample.append(nn.ConvTranspose2d(c, channels[level - 1], 2, stride=2))
+                c = channels[level - 1]
         self.head = nn.Sequential(
             nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, out_channels, 3, padding=1)
         )
@@ -183,16 +186,20 @@ class UNet(nn.Module):
         if self.coord_channels:
             x = torch.cat([x, coordinate_channels(x)], dim=1)  # (B, C + 2, H, W)
         h = self.stem(x)
-        hs = [h]
-        for layer in self.down:
-            h = layer(h, emb, context, context_mask) if isinstance(layer, Level) else layer(h)
-            hs.append(h)
-        h = self.mid2(self.mid(h, emb, context, context_mask), emb)
-        for layer in self.up:
-            if isinstance(layer, Level):
-                h = layer(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
-            else:
-                h = layer(h)
+        skips = []
+        for level, blocks in enumerate(self.down):
+            for block in blocks:
+                h = block(h, emb, context, context_mask)
+            skips.append(h)  # (B, C_level, H / 2^level, W / 2^level)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)
+        h = self.mid(h, emb, context, context_mask)
+        for i, blocks in enumerate(self.up):
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
+            for block in blocks:
+                h = block(h, emb, context, context_mask)
+            if i < len(self.upsample):
+                h = self.upsample[i](h)
         return self.head(h)
 
 
