@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from genlab.data.common import (
-    GenDataModule,
     InMemoryImages,
+    LabelledArraysDataModule,
     check_arg,
     labelled_splits,
     missing_dataset,
@@ -86,7 +86,7 @@ def read_cifar10(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {"train": train, "test": read_batch(folder / "test_batch")}
 
 
-class CIFAR10DataModule(GenDataModule):
+class CIFAR10DataModule(LabelledArraysDataModule):
     """CIFAR-10 with labels and captions (see the module doc). ``seed`` is unused."""
 
     name = "cifar10"
@@ -157,16 +157,3 @@ class CIFAR10DataModule(GenDataModule):
                 flip=self.random_flip,
             )
         return self.splits
-
-    def setup(self, stage: str | None = None) -> None:
-        """Read CIFAR-10 (about a second) and build the three splits."""
-        self.data_train, self.data_val, self.data_test = self.build_splits().values()
-
-    def train_captions(self) -> list[str]:
-        """The caption of every training image."""
-        return list(self.build_splits()["train"].captions)
-
-    def sample_prompts(self, n: int) -> list[str]:
-        """The captions of the first ``n`` val images (cycling past ``val_size``)."""
-        captions = self.build_splits()["val"].captions
-        return [captions[i % len(captions)] for i in range(n)]

@@ -408,6 +408,28 @@ class ImageFiles(Dataset):
         return [self.paths[j] for j in torch.nonzero(self.bad).flatten().tolist()]
 
 
+class LabelledArraysDataModule(GenDataModule):
+    """A DataModule whose three splits are in-memory arrays with labels and class captions
+    (digits, MNIST, CIFAR-10). Subclasses implement ``build_splits()``, cached on ``self``,
+    returning ``{"train": ..., "val": ..., "test": ...}`` of :class:`InMemoryImages`."""
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the three splits."""
+        splits = self.build_splits()
+        self.data_train, self.data_val, self.data_test = (
+            splits[k] for k in ("train", "val", "test")
+        )
+
+    def train_captions(self) -> list[str]:
+        """The caption of every training item."""
+        return list(self.build_splits()["train"].captions)
+
+    def sample_prompts(self, n: int) -> list[str]:
+        """The captions of the first ``n`` val items (cycling if ``n`` exceeds the split)."""
+        captions = self.build_splits()["val"].captions
+        return [captions[i % len(captions)] for i in range(n)]
+
+
 class InMemoryImages(Dataset):
     """Images held as one uint8 tensor ``(N, C, H, W)``, with optional labels and captions."""
 

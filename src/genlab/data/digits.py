@@ -15,8 +15,8 @@ from sklearn.datasets import load_digits
 from genlab.data.common import (
     DIGIT_CAPTIONS,
     DIGIT_NAMES,
-    GenDataModule,
     InMemoryImages,
+    LabelledArraysDataModule,
     check_arg,
     check_choice,
     resize_images,
@@ -27,7 +27,7 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 MAX_LEVEL = 16  # load_digits pixels are counts 0..16 of an 4x4 block of a 32x32 bitmap
 
 
-class DigitsDataModule(GenDataModule):
+class DigitsDataModule(LabelledArraysDataModule):
     """The scikit-learn digits, upscaled to ``resolution``, with labels and captions."""
 
     name = "digits"
@@ -97,17 +97,3 @@ class DigitsDataModule(GenDataModule):
         chosen = labels[ids]
         captions = [DIGIT_CAPTIONS[label] for label in chosen.tolist()]
         return InMemoryImages(images[ids].contiguous(), labels=chosen, captions=captions)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build the three splits (in memory, a fraction of a second)."""
-        splits = self.build_splits()
-        self.data_train, self.data_val, self.data_test = splits.values()
-
-    def train_captions(self) -> list[str]:
-        """The caption of every training item."""
-        return list(self.build_splits()["train"].captions)
-
-    def sample_prompts(self, n: int) -> list[str]:
-        """The captions of the first ``n`` val items (cycling if ``n`` exceeds the split)."""
-        captions = self.build_splits()["val"].captions
-        return [captions[i % len(captions)] for i in range(n)]

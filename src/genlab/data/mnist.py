@@ -21,8 +21,8 @@ import torch
 from genlab.data.common import (
     DIGIT_CAPTIONS,
     DIGIT_NAMES,
-    GenDataModule,
     InMemoryImages,
+    LabelledArraysDataModule,
     check_arg,
     check_choice,
     labelled_splits,
@@ -66,7 +66,7 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-class MNISTDataModule(GenDataModule):
+class MNISTDataModule(LabelledArraysDataModule):
     """MNIST with labels and captions (see the module doc). ``seed`` is unused."""
 
     name = "mnist"
@@ -164,16 +164,3 @@ class MNISTDataModule(GenDataModule):
                 class_captions=DIGIT_CAPTIONS,
             )
         return self.splits
-
-    def setup(self, stage: str | None = None) -> None:
-        """Read MNIST (about a second) and build the three splits."""
-        self.data_train, self.data_val, self.data_test = self.build_splits().values()
-
-    def train_captions(self) -> list[str]:
-        """The caption of every training image."""
-        return list(self.build_splits()["train"].captions)
-
-    def sample_prompts(self, n: int) -> list[str]:
-        """The captions of the first ``n`` val images (cycling past ``val_size``)."""
-        captions = self.build_splits()["val"].captions
-        return [captions[i % len(captions)] for i in range(n)]
