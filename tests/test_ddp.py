@@ -3,8 +3,10 @@ run folder (Lightning re-launches the entry point for rank 1 with hydra.run.dir 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import TINY, check_ok, run_entry
@@ -29,3 +31,23 @@ def test_ddp_cpu_two_processes_one_run_folder(tmp_path: Path) -> None:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4  # max_steps counts optimizer steps, shared by both ranks
     assert (run_dir / "samples" / "final.png").is_file()
+
+
+def test_ddp_evaluation_equals_single_process(trained_run: Path, tmp_path: Path) -> None:
+    """eval.py on 2 gloo ranks gives the single-process test/loss: each item's noise and t come
+    from its index, ranks share the split without duplicates, and the logged mean is synced."""
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    losses = {}
+    for trainer in ("default", "ddp_cpu"):
+        run_dir = tmp_path / trainer
+        result = run_entry(
+            "eval.py",
+            f"ckpt_path={ckpt}",
+            f"trainer={trainer}",
+            "trainer.precision=32",
+            f"hydra.run.dir={run_dir}",
+            tmp_path=tmp_path,
+        )
+        check_ok(result)
+        losses[trainer] = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/loss"]
+    assert losses["ddp_cpu"] == pytest.approx(losses["default"], rel=1e-5)
