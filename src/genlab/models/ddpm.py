@@ -261,20 +261,12 @@ class DDPM(L.LightningModule):
         label models take ``labels`` (or ``n`` uniformly drawn labels); unconditional models take
         ``n``. Unset sampling options take the model's defaults.
         """
-        opts = {**self.sampling_defaults}
-        opts.update(
-            {
-                k: v
-                for k, v in dict(
-                    sampler=sampler, steps=steps, guidance_scale=guidance_scale, eta=eta
-                ).items()
-                if v is not None
-            }
-        )
+        given = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "eta": eta}
+        opts = {**self.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
         conds = self.generation_conditions(prompts, n, labels, generator)
-        noise = torch.randn(
-            (len(conds), self.channels, self.image_size, self.image_size), generator=generator
-        )
+        shape = (len(conds), self.channels, self.image_size, self.image_size)
+        noise_device = "cpu" if generator is None else generator.device
+        noise = torch.randn(shape, generator=generator, device=noise_device)  # x_T, (N, C, H, W)
         chunks = []
         for start in range(0, len(conds), self.sample_batch_size):
             part = conds[start : start + self.sample_batch_size]
