@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -22,6 +23,8 @@ class EMA(nn.Module):
             raise ValueError(f"ema decay={decay} must be in [0, 1)")
         self.decay = decay
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        # Lightning warns about every module in eval mode at fit start; the average is meant to be
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def current_decay(self) -> float:
