@@ -45,8 +45,7 @@ def tiny_data(**kw) -> ShapesDataModule:
 
 
 def tiny_model(**kw) -> DDPM:
-    model = genlab.utils.instantiate.instantiate({**MODEL, **kw})
-    return model
+    return genlab.utils.instantiate.instantiate({**MODEL, **kw})
 
 
 def trainer(tmp_path, **kw) -> L.Trainer:

@@ -55,7 +55,8 @@ class DDPM(L.LightningModule):
         cond_drop_prob: probability of training on the null condition (for guidance).
         tokenizer_vocab_size: BPE vocabulary size, at most the text encoder's embedding rows.
         ema_decay: EMA decay (warmed up with the step count), or None for no EMA.
-        channels_last: run the network in channels-last memory format (faster convolutions).
+        channels_last: run the network in channels-last memory format (slower on CPU here,
+            bench/train_throughput.py; may pay off on GPU).
         sampler, sample_steps, guidance_scale, eta: default sampling settings of ``generate``.
         sample_batch_size: most images denoised at once by ``generate``.
     """

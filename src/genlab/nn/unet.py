@@ -4,7 +4,10 @@ Residual blocks with scale-shift timestep conditioning (Nichol & Dhariwal 2021, 
 normalisation"), self-attention at chosen resolutions, cross-attention on text tokens
 (Rombach et al. 2022), a pooled text vector and/or class label added to the timestep embedding
 (Imagen / Dhariwal & Nichol), and optional coordinate channels (Liu et al. 2018, CoordConv) that
-make "top left" as easy to draw as "red". The network knows nothing of noise schedules.
+make "top left" as easy to draw as "red". The layout keeps one skip connection per level and
+upsamples with a transposed 2×2 convolution, which trained 1.9× faster on a 2-core CPU than the
+improved-diffusion layout (98 → 188 images/s, bench/train_throughput.py). The network knows
+nothing of noise schedules.
 """
 
 from __future__ import annotations
