@@ -4,6 +4,9 @@
 (default ``<run folder>/samples.png``): one row of ``n`` images per prompt, and the prompts in row
 order next to it (``.txt``). Prompts come from ``prompt`` (a string or a list) or
 ``prompts_file`` (one per line); with neither, an unconditional model draws ``n`` images.
+``sampler=heun`` (any of ``conf/sampler/``) replaces the checkpoint's sampler; ``labels``,
+``classifier_ckpt`` (classifier guidance) and ``inpaint_image``/``inpaint_mask`` (inpainting) are
+documented in ``conf/sample.yaml``.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import os
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig
+from PIL import Image
 
 from genlab.utils.checkpoint import load
 from genlab.utils.images import save_image_grid
+from genlab.utils.instantiate import instantiate
 from genlab.utils.rank_logging import RankedLogger
 from genlab.utils.task import TaskResult, extras, task_wrapper
 from genlab.utils.validation import validate_config
@@ -24,7 +30,7 @@ from genlab.utils.validation import validate_config
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 log = RankedLogger(__name__, rank_zero_only=True)
 
-SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "eta")
+SAMPLING_KEYS = ("steps", "guidance_scale", "thresholding")
 TOP_LEVEL = {
     "task_name": str,
     "tags": list[str] | None,
@@ -33,10 +39,14 @@ TOP_LEVEL = {
     "prompts_file": str | None,
     "n": int,
     "seed": int,
-    "sampler": str | None,
     "steps": int | None,
     "guidance_scale": float | None,
-    "eta": float | None,
+    "thresholding": str | None,
+    "labels": list[int] | None,
+    "classifier_ckpt": str | None,
+    "classifier_scale": float,
+    "inpaint_image": str | None,
+    "inpaint_mask": str | None,
     "device": str,
     "out": str,
 }
@@ -54,6 +64,19 @@ def sample(cfg: DictConfig) -> TaskResult:
     model = load(cfg.ckpt_path, map_location=device)
     generator = torch.Generator().manual_seed(cfg.seed)
     options = {key: cfg[key] for key in SAMPLING_KEYS if cfg.get(key) is not None}
+    if cfg.get("sampler") is not None:
+        options["sampler"] = instantiate(cfg.sampler)
+    if cfg.get("labels") is not None:
+        options["labels"] = list(cfg.labels)
+    if cfg.get("classifier_ckpt") is not None:
+        options["classifier"] = load(cfg.classifier_ckpt, map_location=device)
+        options["classifier_scale"] = cfg.classifier_scale
+    if (cfg.get("inpaint_image") is None) != (cfg.get("inpaint_mask") is None):
+        raise ValueError("inpainting needs both inpaint_image=... and inpaint_mask=...")
+    if cfg.get("inpaint_image") is not None:
+        size = (model.image_size, model.image_size)
+        options["known"] = read_image(cfg.inpaint_image, size, model.channels)[None] * 2 - 1
+        options["mask"] = (read_image(cfg.inpaint_mask, size, 1)[None] > 0.5).float()
     log.info(f"drawing {cfg.n} image(s) per prompt for {len(prompts or [None])} prompt(s)")
     images = model.generate(prompts, n=cfg.n, generator=generator, **options)
     out = Path(cfg.out)
@@ -64,6 +87,26 @@ def sample(cfg: DictConfig) -> TaskResult:
     log.info(f"{len(images)} images ({weights} weights) written to {out}")
     print(f"samples written to {out}")
     return {}, {"cfg": cfg, "model": model, "images": images}
+
+
+def read_image(path: str, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """A PNG/JPEG as a (channels, H, W) tensor in [0, 1], resized to ``size``.
+
+    Raises:
+        ValueError: for a missing or unreadable file.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"{path!r}: no such image file")
+    try:
+        image = Image.open(path).convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path!r} is not a readable image: {err}") from err
+    image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return (
+        torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+        .reshape(image.height, image.width, channels)
+        .permute(2, 0, 1)
+    )
 
 
 def read_prompts(prompt: str | ListConfig | None, prompts_file: str | None) -> list[str] | None:

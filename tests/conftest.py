@@ -36,7 +36,7 @@ TINY = [
     "model.text_encoder.heads=2",
     "model.text_encoder.vocab_size=128",
     "callbacks.sample_grid.num_samples=4",
-    "callbacks.sample_grid.steps=2",
+    "sampler.steps=2",
     "callbacks.rich_progress_bar=null",
     "callbacks.model_summary=null",
 ]

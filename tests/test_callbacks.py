@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from genlab.callbacks.final_validation import FinalValidation
 from genlab.callbacks.sample_grid import SampleGrid
+from genlab.diffusion.samplers import Sampler
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a cyan cross"]
 
@@ -59,7 +60,8 @@ class TinyData(L.LightningDataModule):
 
 def fit(tmp_path: Path, condition: str, max_steps: int, final_validation: bool = True):
     """Fit for ``max_steps`` with a SampleGrid (and FinalValidation); return model and callback."""
-    grid = SampleGrid(output_dir=str(tmp_path), num_samples=4, sampler="ddpm", steps=7)
+    sampler = Sampler(name="ddpm", steps=7)
+    grid = SampleGrid(output_dir=str(tmp_path), num_samples=4, sampler=sampler, guidance_scale=2.0)
     callbacks = [grid, FinalValidation()] if final_validation else [grid]
     trainer = L.Trainer(
         accelerator="cpu",
@@ -95,13 +97,38 @@ def test_grids_every_epoch_after_the_last_step_and_at_the_end(tmp_path: Path) ->
         "prompts": PROMPTS,
         "n": None,
         "labels": None,
-        "sampler": "ddpm",
-        "steps": 7,
-        "guidance_scale": 3.0,
-        "eta": 0.0,
+        "sampler": Sampler(name="ddpm", steps=7),
+        "guidance_scale": 2.0,
     }
     assert (samples / "prompts.txt").read_text().splitlines() == PROMPTS
     assert model.training  # generation ran in eval mode and restored train mode
+
+
+def test_models_that_do_not_generate_get_no_grid(tmp_path: Path) -> None:
+    class Classifier(L.LightningModule):  # e.g. the noisy classifier: trains, never generates
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            return ((batch[0].mean() - self.weight) ** 2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    grid = SampleGrid(output_dir=str(tmp_path), num_samples=4)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[grid],
+    )
+    trainer.fit(Classifier(), datamodule=TinyData())
+    assert not (tmp_path / "samples").exists()
 
 
 def test_without_final_validation_the_last_steps_get_no_grid(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -166,3 +167,32 @@ def test_label_conditional_ddpm_trains_on_digits_and_samples(tmp_path: Path) -> 
     assert images.shape == (2, 1, 16, 16)
     grid_text = (run_dir / "samples" / "prompts.txt").read_text().splitlines()
     assert grid_text[:2] == ["zero", "one"]  # the class names of the labels drawn
+
+
+def test_sample_inpaints_with_any_sampler_config(trained_run: Path, tmp_path: Path) -> None:
+    """`sampler=heun` picks conf/sampler/heun.yaml; the mask's white half is kept exactly."""
+    res, half = SIDE - 2, (SIDE - 2) // 2
+    rng = np.random.default_rng(0)
+    known = rng.integers(0, 256, (res, res, 3), dtype=np.uint8)
+    mask = np.zeros((res, res), dtype=np.uint8)
+    mask[:, :half] = 255
+    Image.fromarray(known).save(tmp_path / "known.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = run_entry(
+        "sample.py",
+        f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        'prompt="a red circle"',
+        "n=1",
+        "sampler=heun",
+        "steps=3",
+        "thresholding=dynamic",
+        f"inpaint_image={tmp_path / 'known.png'}",
+        f"inpaint_mask={tmp_path / 'mask.png'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples.png").convert("RGB"))
+    drawn = grid.astype(int)  # a grid of one image is that image, unpadded
+    assert np.abs(drawn[:, :half] - known[:, :half]).max() <= 1
+    assert np.abs(drawn[:, half:] - known[:, half:]).mean() > 10

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
+from genlab.diffusion.samplers import Sampler
 from genlab.utils.images import grid_to_pil, save_image_grid
 from genlab.utils.rank_logging import RankedLogger
 
@@ -37,7 +38,8 @@ class SampleGrid(L.Callback):
         every_n_epochs: draw a grid after every n-th validation epoch (0: only at train end).
         prompts: fixed prompts instead of the datamodule's.
         seed: seed of the generator every grid starts from.
-        sampler, steps, guidance_scale, eta: sampling options passed to ``generate``.
+        sampler: a ``Sampler`` for the grids; None: the model's own (``model.sampler``).
+        guidance_scale: classifier-free guidance scale; None: the model's own.
         nrow: images per row of the grid; default a near-square grid.
     """
 
@@ -49,10 +51,8 @@ class SampleGrid(L.Callback):
         every_n_epochs: int = 1,
         prompts: list[str] | None = None,
         seed: int = 0,
-        sampler: str = "ddim",
-        steps: int = 50,
-        guidance_scale: float = 3.0,
-        eta: float = 0.0,
+        sampler: Sampler | None = None,
+        guidance_scale: float | None = None,
         nrow: int | None = None,
     ) -> None:
         if num_samples < 1 or every_n_epochs < 0:
@@ -63,8 +63,8 @@ class SampleGrid(L.Callback):
         self.output_dir = output_dir
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
         self.prompts, self.seed, self.nrow = prompts, seed, nrow
-        self.sampling = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
-        self.sampling["eta"] = eta
+        self.sampling = {"sampler": sampler, "guidance_scale": guidance_scale}
+        self.warned_no_generate = False
         self.last_grid: tuple[int, torch.Tensor] | None = None
         self.inputs: dict[str, Any] | None = None
         self.grid_text: list[str] | None = None
@@ -81,6 +81,11 @@ class SampleGrid(L.Callback):
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, key: str) -> None:
         """Generate (or reuse this step's) grid, save it as ``samples/<name>.png`` and log it."""
+        if not hasattr(pl_module, "generate"):
+            if not self.warned_no_generate:
+                log.info(f"{type(pl_module).__name__} does not generate: no sample grids")
+                self.warned_no_generate = True
+            return
         samples_dir = Path(self.output_dir or trainer.default_root_dir, "samples")
         step = trainer.global_step
         if self.last_grid is not None and self.last_grid[0] == step:
@@ -91,15 +96,18 @@ class SampleGrid(L.Callback):
             grid = save_image_grid(images, samples_dir / f"{name}.png", nrow=self.nrow)
             self.last_grid = (step, grid)
         weights = "EMA" if getattr(pl_module, "uses_ema", False) else "raw (no EMA)"
-        caption = (
-            f"step {step}, {weights} weights, {self.sampling['sampler']} "
-            f"{self.sampling['steps']} steps, guidance {self.sampling['guidance_scale']}, "
-            f"seed {self.seed}"
-        )
+        caption = f"step {step}, {weights} weights, {self.describe(pl_module)}, seed {self.seed}"
         log.info(f"sample grid {samples_dir / name}.png: {caption}")
         log_grid(trainer, key, grid, step, caption)
         if self.grid_text and not (samples_dir / "prompts.txt").exists():
             (samples_dir / "prompts.txt").write_text("\n".join(self.grid_text) + "\n")
+
+    def describe(self, pl_module: L.LightningModule) -> str:
+        """The sampler and guidance scale the grids use."""
+        sampler = self.sampling["sampler"] or getattr(pl_module, "sampler", None)
+        scale = self.sampling["guidance_scale"]
+        scale = getattr(pl_module, "guidance_scale", None) if scale is None else scale
+        return f"sampler {sampler}, guidance {scale}"
 
     def grid_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """The ``generate`` arguments shared by every grid of the run, chosen at the first one.
@@ -137,7 +145,8 @@ class SampleGrid(L.Callback):
         pl_module.eval()
         try:
             with trainer.precision_plugin.forward_context():
-                return pl_module.generate(generator=generator, **inputs, **self.sampling)
+                options = {k: v for k, v in self.sampling.items() if v is not None}
+                return pl_module.generate(generator=generator, **inputs, **options)
         finally:
             pl_module.train(was_training)
 

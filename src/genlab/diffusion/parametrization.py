@@ -41,3 +41,14 @@ def to_x0_eps(prediction: Prediction, out, x_t, alpha_bar) -> tuple[torch.Tensor
 def eps_from_x0(x0, x_t, alpha_bar):
     """ε implied by x_t and an (e.g. clipped) x0 estimate."""
     return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+
+def convert(out, source: Prediction, dest: Prediction, x_t, alpha_bar) -> torch.Tensor:
+    """Re-express a prediction of one parametrization in another, exactly, given x_t and ᾱ."""
+    x0, eps = to_x0_eps(source, out, x_t, alpha_bar)
+    return target(dest, x0, eps, alpha_bar)
+
+
+def snr(alpha_bar):
+    """Signal-to-noise ratio ᾱ / (1 - ᾱ) (Kingma et al. 2021)."""
+    return alpha_bar / (1 - alpha_bar)

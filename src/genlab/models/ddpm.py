@@ -1,8 +1,10 @@
 """DDPM: denoising diffusion probabilistic models in pixel space (Ho et al. 2020).
 
 The whole method in one file: a UNet (``genlab.nn.unet``) learns to predict ε (or v, x0) from
-x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε at a uniformly drawn t (Alg. 1); sampling runs DDPM ancestral steps
-(Alg. 2) or DDIM (Song et al. 2021) on any number of respaced steps. Conditioning is on a
+x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε at a uniformly drawn t (Alg. 1), optionally with min-SNR weighting
+and, with a learned variance, the hybrid loss of Nichol & Dhariwal 2021; sampling runs any
+sampler of ``genlab.diffusion.samplers`` (DDPM ancestral, DDIM, DPM-Solver++, Euler, Heun) on
+any number of steps, with thresholding, classifier guidance and inpainting. Conditioning is on a
 caption (a small Transformer over a BPE tokenizer trained on the dataset's captions, its tokens
 read by cross-attention and its pooled vector added to the timestep embedding), on a class
 label, or on nothing. Classifier-free guidance (Ho & Salimans 2022): the condition is dropped
@@ -12,6 +14,7 @@ An exponential moving average of the weights is kept and used for sampling and e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -19,18 +22,21 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from genlab.data.tokenizer import BPETokenizer
-from genlab.diffusion.guidance import classifier_free_guidance
-from genlab.diffusion.losses import mse_per_sample
-from genlab.diffusion.parametrization import Prediction, q_sample, target, to_x0_eps
-from genlab.diffusion.samplers import ddim_sample, ddpm_sample
-from genlab.diffusion.schedules import (
-    ScheduleName,
-    alpha_bar_from_betas,
-    make_betas,
-    spaced_timesteps,
+from genlab.diffusion.denoiser import Denoiser, broadcast, from_network
+from genlab.diffusion.guidance import (
+    Thresholding,
+    classifier_free_guidance,
+    classifier_guidance,
+    inpainting,
+    thresholded,
 )
+from genlab.diffusion.losses import bits_per_dim, min_snr_weight, mse_per_sample, vlb_term_bits
+from genlab.diffusion.parametrization import Prediction, q_sample, target, to_x0_eps
+from genlab.diffusion.samplers import Sampler
+from genlab.diffusion.schedules import Schedule, ScheduleName
 from genlab.nn.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -51,14 +57,30 @@ class DDPM(L.LightningModule):
         num_classes: labels for ``condition="label"``.
         image_size, channels: the generated images' shape.
         schedule, num_timesteps: the noise schedule of training (``diffusion.schedules``).
+        continuous_time: train at real times with the schedule's continuous log-SNR (Kingma et
+            al. 2021) instead of its T-step β table.
+        log_snr_shift: added to the schedule's log-SNR (Hoogeboom et al. 2023).
         prediction: what the network predicts: ``"eps"``, ``"v"`` or ``"x0"``.
+        loss_weighting: ``"none"`` (L_simple of the target, Ho et al. Eq. 14) or ``"min_snr"``
+            (min(SNR, γ) in x0 terms, Hang et al. 2023, with γ = ``min_snr_gamma``).
+        learned_variance: the network also outputs the variance interpolation (its
+            ``out_channels`` must be twice ``channels``), trained by the hybrid loss
+            L_simple + ``vlb_weight`` · L_vlb with a stop-gradient on the mean (Nichol &
+            Dhariwal 2021, §3.1; L_vlb = T · L_t in bits/dim, so λ = 0.001 is the paper's).
+        offset_noise: std of a per-channel constant added to the training noise (Guttenberg
+            2023), which lets the model change an image's mean brightness.
         cond_drop_prob: probability of training on the null condition (for guidance).
         tokenizer_vocab_size: BPE vocabulary size, at most the text encoder's embedding rows.
         ema_decay: EMA decay (warmed up with the step count), or None for no EMA.
         channels_last: run the network in channels-last memory format (slower on CPU here,
             bench/train_throughput.py; may pay off on GPU).
-        sampler, sample_steps, guidance_scale, eta: default sampling settings of ``generate``.
+        sampler: the default sampler of ``generate`` (``conf/sampler/``).
+        guidance_scale: the default classifier-free guidance scale w (1: none).
+        thresholding, threshold_percentile: x̂0 thresholding while sampling (``static`` for
+            pixels in [-1, 1]; ``dynamic`` with a percentile, Saharia et al. 2022).
         sample_batch_size: most images denoised at once by ``generate``.
+        bpd_images: in testing, also report the variational bound test/bpd (bits per
+            dimension, T network evaluations per image) on the test items with index below this.
     """
 
     def __init__(
@@ -74,16 +96,24 @@ class DDPM(L.LightningModule):
         channels: int = 3,
         schedule: ScheduleName = "cosine",
         num_timesteps: int = 1000,
+        continuous_time: bool = False,
+        log_snr_shift: float = 0.0,
         prediction: Prediction = "eps",
+        loss_weighting: Literal["none", "min_snr"] = "none",
+        min_snr_gamma: float = 5.0,
+        learned_variance: bool = False,
+        vlb_weight: float = 0.001,
+        offset_noise: float = 0.0,
         cond_drop_prob: float = 0.1,
         tokenizer_vocab_size: int = 512,
         ema_decay: float | None = 0.999,
         channels_last: bool = False,
-        sampler: Literal["ddpm", "ddim"] = "ddim",
-        sample_steps: int = 50,
+        sampler: Sampler | None = None,
         guidance_scale: float = 3.0,
-        eta: float = 0.0,
+        thresholding: Thresholding = "static",
+        threshold_percentile: float = 0.995,
         sample_batch_size: int = 256,
+        bpd_images: int = 0,
     ):
         super().__init__()
         if condition == "text" and text_encoder is None:
@@ -92,22 +122,32 @@ class DDPM(L.LightningModule):
             raise ValueError("model.condition='label' needs model.num_classes")
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"model.cond_drop_prob={cond_drop_prob} must be in [0, 1)")
+        if learned_variance and continuous_time:
+            raise ValueError("model.learned_variance=true needs a discrete schedule")
+        out_channels = getattr(net, "out_channels", None)
+        if out_channels is not None and out_channels != channels * (1 + learned_variance):
+            raise ValueError(
+                f"model.net.out_channels={out_channels} must be {channels * (1 + learned_variance)}"
+                f" for channels={channels} and learned_variance={learned_variance}"
+            )
         self.condition, self.num_classes = condition, num_classes
         self.image_size, self.channels = image_size, channels
         self.prediction, self.cond_drop_prob = prediction, cond_drop_prob
+        self.loss_weighting, self.min_snr_gamma = loss_weighting, min_snr_gamma
+        self.learned_variance, self.vlb_weight = learned_variance, vlb_weight
+        self.offset_noise = offset_noise
         self.tokenizer_vocab_size = tokenizer_vocab_size
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.channels_last = channels_last
-        self.sampling_defaults = {
-            "sampler": sampler,
-            "steps": sample_steps,
-            "guidance_scale": guidance_scale,
-            "eta": eta,
-        }
-        self.sample_batch_size = sample_batch_size
+        self.sampler = sampler or Sampler()
+        self.guidance_scale = guidance_scale
+        self.thresholding, self.threshold_percentile = thresholding, threshold_percentile
+        self.sample_batch_size, self.bpd_images = sample_batch_size, bpd_images
         self.num_timesteps = num_timesteps
-        alpha_bar = alpha_bar_from_betas(make_betas(schedule, num_timesteps))
-        self.register_buffer("alpha_bar", alpha_bar, persistent=False)  # float64
+        self.schedule = Schedule(
+            schedule, num_timesteps, continuous=continuous_time, log_snr_shift=log_snr_shift
+        )
+        self.test_bpd = MeanMetric()
         modules = {"net": net} if text_encoder is None else {"net": net, "text": text_encoder}
         self.denoiser = nn.ModuleDict(modules)
         if channels_last:
@@ -175,14 +215,38 @@ class DDPM(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------
     # training
-    def forward_loss(self, x0, t, eps, cond_kwargs, denoiser) -> torch.Tensor:
-        """Per-sample regression loss at timesteps t with noise eps (Ho et al. Alg. 1)."""
-        alpha_bar = self.alpha_bar[t].float()[:, None, None, None]  # (B, 1, 1, 1)
+    def forward_loss(self, x0, t, eps, cond_kwargs, denoiser) -> dict[str, torch.Tensor]:
+        """Per-sample losses at times t with noise eps (Ho et al. Alg. 1): ``loss`` to minimise,
+        and its parts ``mse`` (as weighted) and, with a learned variance, ``vlb`` (bits/dim)."""
+        alpha_bar = broadcast(self.schedule.alpha_bar(t), x0)  # (B, 1, 1, 1)
         x_t = q_sample(x0, eps, alpha_bar)
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        out = denoiser["net"](x_t, t, **self.condition_inputs(denoiser, **cond_kwargs))
-        return mse_per_sample(out, target(self.prediction, x0, eps, alpha_bar))
+        out = denoiser["net"](x_t, t, **self.condition_inputs(denoiser, **cond_kwargs)).float()
+        if self.learned_variance:
+            out, v = out.chunk(2, dim=1)
+        mse = mse_per_sample(out, target(self.prediction, x0, eps, alpha_bar))
+        if self.loss_weighting == "min_snr":
+            weight = min_snr_weight(self.schedule.alpha_bar(t), self.prediction, self.min_snr_gamma)
+            mse = mse * weight.to(mse.device)
+        losses = {"loss": mse, "mse": mse}
+        if self.learned_variance:
+            # the bound trains only the variance: the mean comes from the detached prediction
+            x0_hat = to_x0_eps(self.prediction, out.detach(), x_t.float(), alpha_bar)[0]
+            table = self.schedule.alpha_bar(torch.arange(self.num_timesteps))
+            vlb = vlb_term_bits(x0, x_t.float(), t, x0_hat, table, var_frac=(v + 1) / 2)
+            losses["vlb"] = vlb
+            losses["loss"] = mse + self.vlb_weight * self.num_timesteps * vlb
+        return losses
+
+    def training_noise(self, x0: torch.Tensor, generator) -> torch.Tensor:
+        """ε ~ N(0, I), plus ``offset_noise`` × a per-(sample, channel) constant (Guttenberg 2023)."""
+        eps = torch.randn(x0.shape, device=self.device, generator=generator)
+        if self.offset_noise:
+            shape = (*x0.shape[:2], 1, 1)
+            offset = torch.randn(shape, device=self.device, generator=generator)
+            eps = eps + self.offset_noise * offset
+        return eps
 
     def on_fit_start(self) -> None:
         # each rank draws its own noise and timesteps (a shared seed would repeat them)
@@ -192,15 +256,18 @@ class DDPM(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = batch["image"]
         b, gen = x0.shape[0], self.noise_generator
-        t = torch.randint(0, self.num_timesteps, (b,), device=self.device, generator=gen)
-        eps = torch.randn(x0.shape, device=self.device, generator=gen)
+        t = self.schedule.sample_t(b, generator=gen, device=self.device)
+        eps = self.training_noise(x0, gen)
         drop = torch.rand(b, device=self.device, generator=gen) < self.cond_drop_prob
-        loss = self.forward_loss(x0, t, eps, self.drop_condition(batch, drop), self.denoiser).mean()
+        losses = self.forward_loss(x0, t, eps, self.drop_condition(batch, drop), self.denoiser)
+        loss = losses["loss"].mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at step {self.global_step}"
             )
         self.log("train/loss", loss, prog_bar=True)
+        if self.learned_variance:
+            self.log_dict({"train/mse": losses["mse"].mean(), "train/vlb": losses["vlb"].mean()})
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -212,15 +279,19 @@ class DDPM(L.LightningModule):
         """Per-sample loss with t and ε drawn from each item's ``index``: identical however the
         split is sharded over ranks or batched, so DDP and single-process evaluation agree."""
         gens = [torch.Generator().manual_seed(int(i)) for i in batch["index"]]
-        t = torch.stack([torch.randint(0, self.num_timesteps, (), generator=g) for g in gens])
+        t = torch.cat([self.schedule.sample_t(1, generator=g) for g in gens])
         eps = torch.stack([torch.randn(batch["image"].shape[1:], generator=g) for g in gens])
         cond = self.drop_condition(
             batch, torch.zeros(len(gens), dtype=torch.bool, device=self.device)
         )
-        denoiser = self.ema.module if self.ema is not None else self.denoiser
-        return self.forward_loss(
-            batch["image"], t.to(self.device), eps.to(self.device), cond, denoiser
+        losses = self.forward_loss(
+            batch["image"], t.to(self.device), eps.to(self.device), cond, self.eval_weights()
         )
+        return losses["loss"]
+
+    def eval_weights(self) -> nn.ModuleDict:
+        """The EMA weights when there are any, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.denoiser
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss = self.evaluation_loss(batch)
@@ -229,6 +300,28 @@ class DDPM(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss = self.evaluation_loss(batch)
         self.log("test/loss", loss.mean(), batch_size=len(loss), sync_dist=True)
+        keep = batch["index"] < self.bpd_images
+        if keep.any():
+            self.test_bpd.update(self.bits_per_dim(batch, keep))
+
+    def on_test_epoch_end(self) -> None:
+        if self.bpd_images > 0:  # a torchmetrics mean: summed over ranks, however sharded
+            self.log("test/bpd", self.test_bpd.compute())
+            self.test_bpd.reset()
+
+    def bits_per_dim(self, batch: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
+        """The variational bound (bits/dim) of the kept items, with noise seeded by their index
+        (so the figure does not depend on batching or ranks)."""
+        images, indices = batch["image"][keep], batch["index"][keep].tolist()
+        if self.condition == "text":
+            conds = [c for c, k in zip(batch["caption"], keep.tolist(), strict=True) if k]
+        elif self.condition == "label":
+            conds = batch["label"][keep].tolist()
+        else:
+            conds = [None] * len(images)
+        denoiser = self.sampling_denoiser(conds, guidance_scale=1.0, thresholding="static")
+        generators = [torch.Generator().manual_seed(int(i)) for i in indices]
+        return bits_per_dim(denoiser, images, generator=generators)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.denoiser.parameters())
@@ -251,32 +344,97 @@ class DDPM(L.LightningModule):
         n: int | None = None,
         labels: torch.Tensor | list[int] | None = None,
         generator: torch.Generator | None = None,
-        sampler: Literal["ddpm", "ddim"] | None = None,
+        sampler: Sampler | str | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
-        eta: float | None = None,
+        thresholding: Thresholding | None = None,
+        classifier: Any = None,
+        classifier_scale: float = 1.0,
+        known: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draw images in [-1, 1], shaped (N, C, H, W), with the EMA weights when there are any.
 
         Text models take ``prompts`` and draw ``n`` images per prompt (default 1), prompt-major;
         label models take ``labels`` (or ``n`` uniformly drawn labels); unconditional models take
-        ``n``. Unset sampling options take the model's defaults.
+        ``n``. Unset options take the model's defaults; ``sampler`` may be a ``Sampler`` or a
+        name (that sampler's defaults), ``steps`` overrides its steps.
+
+        ``classifier`` (a ``NoisyClassifier`` trained on the same schedule) guides towards
+        ``labels`` with ``classifier_scale`` (Dhariwal & Nichol 2021); an unconditional model
+        then draws one image per label. ``known`` (N or 1, C, H, W) with ``mask`` (1 = keep,
+        broadcastable to it) inpaints: the masked region of the output equals ``known``.
         """
-        given = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "eta": eta}
-        opts = {**self.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
-        conds = self.generation_conditions(prompts, n, labels, generator)
+        spec = self.resolve_sampler(sampler, steps)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        thresholding = thresholding or self.thresholding
+        conds = self.generation_conditions(prompts, n, labels, generator, classifier)
+        targets = torch.as_tensor(labels).long().tolist() if classifier is not None else None
         shape = (len(conds), self.channels, self.image_size, self.image_size)
+        if known is not None:
+            known, mask = self.check_inpainting(known, mask, shape)
         noise_device = "cpu" if generator is None else generator.device
         noise = torch.randn(shape, generator=generator, device=noise_device)  # x_T, (N, C, H, W)
         chunks = []
         for start in range(0, len(conds), self.sample_batch_size):
-            part = conds[start : start + self.sample_batch_size]
-            x_T = noise[start : start + self.sample_batch_size].to(self.device)
-            chunks.append(self.sample_chunk(x_T, part, generator=generator, **opts).cpu())
+            part = slice(start, start + self.sample_batch_size)
+            denoiser = self.sampling_denoiser(
+                conds[part], guidance_scale=scale, thresholding=thresholding
+            )
+            if classifier is not None:
+                guide = classifier.log_prob_grad(torch.tensor(targets[part], device=self.device))
+                denoiser = classifier_guidance(denoiser, guide, classifier_scale)
+            if known is not None:
+                part_known = known[part] if len(known) > 1 else known
+                denoiser = inpainting(denoiser, part_known.to(self.device), mask.to(self.device))
+            x_T = noise[part].to(self.device)
+            chunks.append(spec(denoiser, x_T, generator=generator).cpu())
         return torch.cat(chunks).clamp(-1, 1)
 
-    def generation_conditions(self, prompts, n, labels, generator) -> list:
+    def resolve_sampler(self, sampler: Sampler | str | None, steps: int | None) -> Sampler:
+        """The model's sampler, another one, or one by name; with ``steps`` replaced if given."""
+        if sampler is None:
+            sampler = self.sampler
+        elif isinstance(sampler, str):
+            sampler = Sampler(name=sampler) if sampler != self.sampler.name else self.sampler
+        return sampler if steps is None else dataclasses.replace(sampler, steps=steps)
+
+    def check_inpainting(self, known, mask, shape):
+        """``known`` and ``mask`` as float tensors that broadcast to the images drawn."""
+        if mask is None:
+            raise ValueError("inpainting needs a mask (1 = keep the known pixels) with known")
+        known, mask = torch.as_tensor(known).float(), torch.as_tensor(mask).float()
+        if known.dim() != 4 or known.shape[1:] != shape[1:] or len(known) not in (1, shape[0]):
+            raise ValueError(
+                f"known image shape {tuple(known.shape)} must be (1 or {shape[0]}, {shape[1]}, "
+                f"{shape[2]}, {shape[3]})"
+            )
+        try:
+            torch.broadcast_shapes(mask.shape, known.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not fit {tuple(known.shape)}"
+            ) from err
+        return known, mask
+
+    def generation_conditions(self, prompts, n, labels, generator, classifier=None) -> list:
         """One condition per image to draw: a caption, a label, or None."""
+        if classifier is not None:
+            if self.condition == "text":
+                raise ValueError(
+                    "classifier guidance needs a label-conditional or unconditional model"
+                )
+            if labels is None:
+                raise ValueError("classifier guidance needs labels: the classes to guide towards")
+            classifier.check_schedule(self.schedule)
+            wanted = torch.as_tensor(labels).long()
+            if wanted.min() < 0 or wanted.max() >= classifier.num_classes:
+                raise ValueError(
+                    f"labels must be in [0, {classifier.num_classes}) for the classifier; "
+                    f"got {wanted.tolist()}"
+                )
+            if self.condition == "none":
+                return [None] * len(torch.as_tensor(labels).reshape(-1))
         if self.condition == "text":
             if prompts is None or isinstance(prompts, str):
                 raise ValueError("this model is text-conditional: pass prompts as a list of str")
@@ -299,36 +457,30 @@ class DDPM(L.LightningModule):
             raise ValueError(f"this model is unconditional: pass n >= 1 (got n={n})")
         return [None] * n
 
-    def sample_chunk(self, x_T, conds, *, generator, sampler, steps, guidance_scale, eta):
-        """Run one sampler over a batch of starting noise with classifier-free guidance."""
-        denoiser = self.ema.module if self.ema is not None else self.denoiser
-        timesteps = spaced_timesteps(self.num_timesteps, steps)
+    def sampling_denoiser(
+        self, conds: list, *, guidance_scale: float, thresholding: Thresholding
+    ) -> Denoiser:
+        """The (EMA) network as a ``Denoiser`` for the given conditions, with classifier-free
+        guidance when the scale is not 1 and the model is conditional, then thresholding."""
+        weights = self.eval_weights()
         guided = self.condition != "none" and guidance_scale != 1.0
-        eps_fn = self.eps_function(denoiser, conds, with_null=guided)
-        if guided:
-            eps_fn = classifier_free_guidance(eps_fn, guidance_scale)
-        if sampler == "ddim":
-            return ddim_sample(eps_fn, x_T, self.alpha_bar, timesteps, eta=eta, generator=generator)
-        if sampler == "ddpm":
-            return ddpm_sample(eps_fn, x_T, self.alpha_bar, timesteps, generator=generator)
-        raise ValueError(f"sampler={sampler!r} is not one of ['ddim', 'ddpm']")
-
-    def eps_function(self, denoiser, conds: list, *, with_null: bool):
-        """ε̂(x_t, t) for the given conditions; with ``with_null`` the batch is [cond; null]."""
         if self.condition == "text":
-            kwargs = {"captions": conds + ([""] * len(conds) if with_null else [])}
+            kwargs = {"captions": conds + ([""] * len(conds) if guided else [])}
         elif self.condition == "label":
-            labels = conds + ([self.num_classes] * len(conds) if with_null else [])
+            labels = conds + ([self.num_classes] * len(conds) if guided else [])
             kwargs = {"labels": torch.tensor(labels, device=self.device)}
         else:
             kwargs = {}
-        net_kwargs = self.condition_inputs(denoiser, **kwargs)
+        net_kwargs = self.condition_inputs(weights, **kwargs)
 
-        def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            alpha_bar = self.alpha_bar[t].float()[:, None, None, None]
+        def net_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if self.channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
-            out = denoiser["net"](x_t, t, **net_kwargs).float()
-            return to_x0_eps(self.prediction, out, x_t, alpha_bar)[1]
+            return weights["net"](x_t, t, **net_kwargs)
 
-        return eps_fn
+        denoiser = from_network(
+            net_fn, self.schedule, self.prediction, learned_variance=self.learned_variance
+        )
+        if guided:
+            denoiser = classifier_free_guidance(denoiser, guidance_scale)
+        return thresholded(denoiser, thresholding, self.threshold_percentile)

@@ -117,7 +117,7 @@ class UNet(nn.Module):
         bad = [i for i in attention_levels if not 0 <= i < len(channels)]
         if bad:
             raise ValueError(f"attention_levels={list(attention_levels)}: no level {bad[0]}")
-        self.coord_channels = coord_channels
+        self.coord_channels, self.out_channels = coord_channels, out_channels
         emb_dim = 4 * channels[0]
         self.time_embed = TimestepEmbedding(channels[0], emb_dim)
         self.cond_proj = None if cond_dim is None else nn.Linear(cond_dim, emb_dim)
