@@ -147,6 +147,7 @@ class DDPM(L.LightningModule):
         self.schedule = Schedule(
             schedule, num_timesteps, continuous=continuous_time, log_snr_shift=log_snr_shift
         )
+        self.alpha_bar_table = self.schedule.alpha_bar(torch.arange(num_timesteps))  # float64
         self.test_bpd = MeanMetric()
         modules = {"net": net} if text_encoder is None else {"net": net, "text": text_encoder}
         self.denoiser = nn.ModuleDict(modules)
@@ -233,8 +234,9 @@ class DDPM(L.LightningModule):
         if self.learned_variance:
             # the bound trains only the variance: the mean comes from the detached prediction
             x0_hat = to_x0_eps(self.prediction, out.detach(), x_t.float(), alpha_bar)[0]
-            table = self.schedule.alpha_bar(torch.arange(self.num_timesteps))
-            vlb = vlb_term_bits(x0, x_t.float(), t, x0_hat, table, var_frac=(v + 1) / 2)
+            vlb = vlb_term_bits(
+                x0, x_t.float(), t, x0_hat, self.alpha_bar_table, var_frac=(v + 1) / 2
+            )
             losses["vlb"] = vlb
             losses["loss"] = mse + self.vlb_weight * self.num_timesteps * vlb
         return losses
