@@ -193,6 +193,14 @@ class Schedule:
             table = log_snr_from_alpha_bar(alpha_bar_from_betas(make_betas(name, num_timesteps)))
             table = table + log_snr_shift
         self.log_snr_table = table  # λ at t = 0..T-1, float64, decreasing
+        if continuous:  # a fine grid of (t, λ) for t_from_log_snr, built once
+            self.inverse_t = torch.linspace(
+                -1 + 1e-6, num_timesteps - 1, 100 * num_timesteps + 1, dtype=torch.float64
+            )
+            self.inverse_log_snr = self.log_snr(self.inverse_t)
+        else:
+            self.inverse_t = torch.arange(num_timesteps, dtype=torch.float64)
+            self.inverse_log_snr = table
 
     def __repr__(self) -> str:
         kind = "continuous" if self.continuous else "discrete"
@@ -227,12 +235,7 @@ class Schedule:
     def t_from_log_snr(self, log_snr: torch.Tensor) -> torch.Tensor:
         """The model time with λ(t) = ``log_snr`` (inverse by interpolation on a fine grid;
         clamped to the schedule's range), float64."""
-        if self.continuous:
-            grid_t = torch.linspace(-1 + 1e-6, self.num_timesteps - 1, 100 * self.num_timesteps + 1)
-            grid_lam = self.log_snr(grid_t)
-        else:
-            grid_t = torch.arange(self.num_timesteps, dtype=torch.float64)
-            grid_lam = self.log_snr_table
+        grid_t, grid_lam = self.inverse_t, self.inverse_log_snr
         lam = torch.as_tensor(log_snr).double().clamp(grid_lam.min(), grid_lam.max())
         # λ decreases with t: search on -λ, which increases
         idx = torch.searchsorted(-grid_lam, -lam).clamp(1, len(grid_t) - 1)

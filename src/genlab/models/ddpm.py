@@ -219,7 +219,8 @@ class DDPM(L.LightningModule):
     def forward_loss(self, x0, t, eps, cond_kwargs, denoiser) -> dict[str, torch.Tensor]:
         """Per-sample losses at times t with noise eps (Ho et al. Alg. 1): ``loss`` to minimise,
         and its parts ``mse`` (as weighted) and, with a learned variance, ``vlb`` (bits/dim)."""
-        alpha_bar = broadcast(self.schedule.alpha_bar(t), x0)  # (B, 1, 1, 1)
+        alpha_bar_t = self.schedule.alpha_bar(t)  # (B,) float64
+        alpha_bar = broadcast(alpha_bar_t, x0)  # (B, 1, 1, 1)
         x_t = q_sample(x0, eps, alpha_bar)
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
@@ -228,7 +229,7 @@ class DDPM(L.LightningModule):
             out, v = out.chunk(2, dim=1)
         mse = mse_per_sample(out, target(self.prediction, x0, eps, alpha_bar))
         if self.loss_weighting == "min_snr":
-            weight = min_snr_weight(self.schedule.alpha_bar(t), self.prediction, self.min_snr_gamma)
+            weight = min_snr_weight(alpha_bar_t, self.prediction, self.min_snr_gamma)
             mse = mse * weight.to(mse.device)
         losses = {"loss": mse, "mse": mse}
         if self.learned_variance:

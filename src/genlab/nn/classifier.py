@@ -19,7 +19,7 @@ from torch import nn
 
 from genlab.nn.attention import AttentionImpl, attention, merge_heads, split_heads
 from genlab.nn.embeddings import TimestepEmbedding
-from genlab.nn.unet import AttentionBlock, Level, coordinate_channels
+from genlab.nn.unet import AttentionBlock, Level, check_levels, coordinate_channels
 
 Pooling = Literal["mean", "attention"]
 
@@ -82,12 +82,7 @@ class NoisyClassifierNet(nn.Module):
         attn_impl: AttentionImpl = "auto",
     ):
         super().__init__()
-        channels = list(channels)
-        if any(c % groups for c in channels):
-            raise ValueError(f"classifier channels={channels} must all be divisible by {groups=}")
-        bad = [i for i in attention_levels if not 0 <= i < len(channels)]
-        if bad:
-            raise ValueError(f"attention_levels={list(attention_levels)}: no level {bad[0]}")
+        channels = check_levels("classifier", channels, attention_levels, groups)
         if pool not in ("mean", "attention"):
             raise ValueError(f"pool={pool!r} is not one of ['attention', 'mean']")
         self.num_classes, self.coord_channels = num_classes, coord_channels

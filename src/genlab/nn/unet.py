@@ -111,12 +111,7 @@ class UNet(nn.Module):
         attn_impl: AttentionImpl = "auto",
     ):
         super().__init__()
-        channels = list(channels)
-        if any(c % groups for c in channels):
-            raise ValueError(f"unet channels={channels} must all be divisible by groups={groups}")
-        bad = [i for i in attention_levels if not 0 <= i < len(channels)]
-        if bad:
-            raise ValueError(f"attention_levels={list(attention_levels)}: no level {bad[0]}")
+        channels = check_levels("unet", channels, attention_levels, groups)
         self.coord_channels, self.out_channels = coord_channels, out_channels
         emb_dim = 4 * channels[0]
         self.time_embed = TimestepEmbedding(channels[0], emb_dim)
@@ -204,6 +199,21 @@ class UNet(nn.Module):
             if i < len(self.upsample):
                 h = self.upsample[i](h)
         return self.head(h)
+
+
+def check_levels(name: str, channels, attention_levels, groups: int) -> list[int]:
+    """``channels`` as a list, after checking it against ``groups`` and ``attention_levels``.
+
+    Raises:
+        ValueError: naming the channels not divisible by ``groups`` or a level that is not there.
+    """
+    channels = list(channels)
+    if any(c % groups for c in channels):
+        raise ValueError(f"{name} channels={channels} must all be divisible by groups={groups}")
+    bad = [i for i in attention_levels if not 0 <= i < len(channels)]
+    if bad:
+        raise ValueError(f"attention_levels={list(attention_levels)}: no level {bad[0]}")
+    return channels
 
 
 def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
