@@ -1,4 +1,4 @@
-"""Image grids: tile generated images in [-1, 1] into one picture and save it as a PNG."""
+"""Image checks and grids: validate image batches in [-1, 1]; tile them into one PNG."""
 
 from __future__ import annotations
 
@@ -8,6 +8,51 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
+
+RANGE_TOLERANCE = 1e-3  # bf16 rounding of values at ±1
+
+
+def check_images(
+    images: torch.Tensor,
+    *,
+    name: str = "images",
+    channels: int | None = None,
+    size: int | tuple[int, int] | None = None,
+) -> None:
+    """Check a batch of images ``(N, C, H, W)``: floating point, finite, in [-1, 1].
+
+    Args:
+        images: the batch to check.
+        name: what the error message calls it.
+        channels: the required number of channels, if any.
+        size: the required ``H`` (= ``W``) or ``(H, W)``, if any.
+
+    Raises:
+        ValueError: naming the problem (shape, dtype, range) and the value found.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name} must be a tensor shaped (N, C, H, W), got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} must be floating point in [-1, 1], got dtype {images.dtype}")
+    if channels is not None and images.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels, got shape {tuple(images.shape)}")
+    if size is not None:
+        wanted = (size, size) if isinstance(size, int) else tuple(size)
+        if tuple(images.shape[-2:]) != wanted:
+            raise ValueError(
+                f"{name} must be {wanted[0]}x{wanted[1]} pixels, got {tuple(images.shape)}"
+            )
+    if images.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contain NaN or infinite values")
+    low, high = images.min().item(), images.max().item()
+    if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+        raise ValueError(
+            f"{name} must be in [-1, 1] (the data contract), got values in [{low:.3g}, {high:.3g}]"
+            " — images in [0, 1] or [0, 255] must be rescaled first"
+        )
 
 
 def image_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
