@@ -3,9 +3,12 @@ version of the default job, and train one checkpoint per session for the tests t
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,9 +20,37 @@ CONF = ROOT / "conf"
 # Set before anything composes a config in-process (paths.root_dir reads it).
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
+# The evaluators the tests' metrics use: a tiny shapes oracle at 16 px, built once per session by
+# its recipe (genlab.metrics.evaluators.ensure_evaluator, as the default job builds the real one),
+# and the reference-statistics cache, in a temporary folder instead of data/.
+EVALUATORS = Path(tempfile.mkdtemp(prefix="genlab-test-evaluators-"))
+atexit.register(shutil.rmtree, EVALUATORS, ignore_errors=True)
+ORACLE_CKPT = EVALUATORS / "shapes_oracle.ckpt"
+ORACLE_RECIPE = [
+    "experiment=shapes_oracle",
+    "trainer.max_steps=40",
+    "data.resolution=16",
+    "data.train_size=640",
+    "data.val_size=16",
+    "data.test_size=16",
+    "data.batch_size=16",
+    "model.net.channels=[8,16]",
+    "model.net.feature_dim=32",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+]
+ORACLE_OVERRIDES = [
+    f"callbacks.generative_metrics.oracle_checkpoint={ORACLE_CKPT}",
+    "callbacks.generative_metrics.oracle_recipe=["
+    + ",".join(f'"{o}"' for o in ORACLE_RECIPE)
+    + "]",
+    f"callbacks.generative_metrics.cache_dir={EVALUATORS / 'reference'}",
+]
+
 # The default job, shrunk to seconds: 16 px shapes, a 0.1M-parameter UNet and text encoder,
 # 4 optimizer steps (half an epoch: the final validation runs mid-epoch), a 4-image grid drawn
-# with 2 DDIM steps. Everything else (callbacks, CSV logger, bf16 autocast) stays as in the job.
+# with 2 DDIM steps, generative metrics of 8 images at the final test (the tiny oracle above).
+# Everything else (callbacks, CSV logger, bf16 autocast) stays as in the job.
 TINY = [
     "trainer.max_steps=4",
     "trainer.log_every_n_steps=1",
@@ -39,6 +70,9 @@ TINY = [
     "sampler.steps=2",
     "callbacks.rich_progress_bar=null",
     "callbacks.model_summary=null",
+    "callbacks.generative_metrics.num_samples=8",
+    "callbacks.generative_metrics.batch_size=4",
+    *ORACLE_OVERRIDES,
 ]
 
 
@@ -92,3 +126,19 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     check_ok(result)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def oracle_checkpoint() -> Path:
+    """The tests' tiny shapes oracle, built by its recipe on first use."""
+    from genlab.metrics.evaluators import ensure_evaluator
+
+    env = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        return ensure_evaluator(ORACLE_CKPT, ORACLE_RECIPE, name="shapes_oracle")
+    finally:
+        if env is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = env

@@ -99,7 +99,7 @@ def test_hparams_search_params_are_config_keys(search: str, tmp_path: Path) -> N
     assert cfg.optimized_metric == "val/loss"
 
 
-NOT_GENERATIVE = {"noisy_classifier"}  # models that evaluate or guide, not generate
+NOT_GENERATIVE = {"noisy_classifier", "shapes_oracle", "clip"}  # evaluators and guides
 
 
 @pytest.mark.parametrize("model", options("model"))
@@ -146,3 +146,4 @@ def test_ckpt_path_is_mandatory(config: str, tmp_path: Path) -> None:
     cfg = compose_cfg(config, [], tmp_path)
     with pytest.raises(ValueError, match="ckpt_path is mandatory"):
         validate_config(cfg)
+        eval_entry.check_task(cfg)  # eval.py: unless +compare=[...] is given

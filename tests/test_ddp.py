@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, check_ok, run_entry
+from conftest import ORACLE_OVERRIDES, TINY, check_ok, run_entry
 
 
 def test_ddp_cpu_two_processes_one_run_folder(tmp_path: Path) -> None:
@@ -34,10 +34,13 @@ def test_ddp_cpu_two_processes_one_run_folder(tmp_path: Path) -> None:
 
 
 def test_ddp_evaluation_equals_single_process(trained_run: Path, tmp_path: Path) -> None:
-    """eval.py on 2 gloo ranks gives the single-process test/loss: each item's noise and t come
-    from its index, ranks share the split without duplicates, and the logged mean is synced."""
+    """eval.py on 2 gloo ranks gives the single-process numbers. test/loss: each item's noise and
+    t come from its index, ranks share the split without duplicates, the logged mean is synced.
+    Generative metrics: 7 images in chunks of 2 (rank 0 draws chunks 0 and 2, rank 1 chunks 1
+    and 3, a ragged last one), each chunk from its own seed, the metric states synced; exactly 7
+    images in all, and every metric equal to the single-process value."""
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    losses = {}
+    reports = {}
     for trainer in ("default", "ddp_cpu"):
         run_dir = tmp_path / trainer
         result = run_entry(
@@ -45,9 +48,20 @@ def test_ddp_evaluation_equals_single_process(trained_run: Path, tmp_path: Path)
             f"ckpt_path={ckpt}",
             f"trainer={trainer}",
             "trainer.precision=32",
+            *ORACLE_OVERRIDES,
+            "eval.num_samples=7",
+            "callbacks.generative_metrics.batch_size=2",
+            "callbacks.generative_metrics.kid_subset_size=5",
+            f"callbacks.generative_metrics.cache_dir={tmp_path / trainer / 'cache'}",
             f"hydra.run.dir={run_dir}",
             tmp_path=tmp_path,
         )
         check_ok(result)
-        losses[trainer] = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/loss"]
-    assert losses["ddp_cpu"] == pytest.approx(losses["default"], rel=1e-5)
+        reports[trainer] = json.loads((run_dir / "metrics.json").read_text())
+    single, ddp = reports["default"], reports["ddp_cpu"]
+    assert ddp["metrics"]["test/loss"] == pytest.approx(single["metrics"]["test/loss"], rel=1e-5)
+    (one,), (two,) = single["results"], ddp["results"]
+    assert one["protocol"]["num_samples"] == two["protocol"]["num_samples"] == 7
+    assert set(one["metrics"]) >= {"fid", "kid", "is", "precision", "recall", "caption_exact"}
+    for name, value in one["metrics"].items():
+        assert two["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name

@@ -10,7 +10,9 @@ Captions say every attribute of every object, in one of :data:`TEMPLATES` (objec
 " and "); :func:`parse_caption` inverts all of them. Each item carries its attribute labels,
 ``attributes`` ``(max_objects, 4)`` = (shape, color, size, cell) indices into :data:`SHAPES`,
 :data:`COLORS`, :data:`SIZES`, :data:`CELLS` (padding -1), and ``num_objects``; the indices
-refer to these fixed tables, whatever subset a config uses.
+refer to these fixed tables, whatever subset a config uses. :func:`cell_attributes` (of a scene),
+:func:`cells_from_attributes` (of a batch) and :func:`caption_cells` (of a caption) give the same
+labels per cell of the grid, ``(9, 3)``, the format in which the shapes oracle parses images.
 
 Held-out pairs: the (shape, color) pair with table indices (i, j) is held out iff
 ``(j - 2 * i) % 5 == 1`` (:func:`held_out_pairs`), about 1/5 of the pairs, spread over shapes
@@ -257,6 +259,55 @@ def scene_attributes(scene: Scene, max_objects: int) -> np.ndarray:
             obj.cell,
         )
     return attributes
+
+
+def cell_attributes(scene: Scene) -> np.ndarray:
+    """Per-cell labels ``(9, 3)`` int64, row-major as :data:`CELLS`: the (shape, color, size)
+    indices into :data:`SHAPES`, :data:`COLOR_NAMES`, :data:`SIZE_NAMES`; -1 for an empty cell.
+
+    The format of the shapes oracle's ``parse`` (``genlab.models.shapes_oracle``).
+
+    Raises:
+        ValueError: if two objects share a cell (no scene of the dataset does).
+    """
+    cells = np.full((len(CELLS), 3), -1, dtype=np.int64)
+    for obj in scene:
+        if cells[obj.cell, 0] >= 0:
+            raise ValueError(f"two objects {CELLS[obj.cell]!r}: a cell holds at most one")
+        cells[obj.cell] = (
+            SHAPES.index(obj.shape),
+            COLOR_NAMES.index(obj.color),
+            SIZE_NAMES.index(obj.size),
+        )
+    return cells
+
+
+def caption_cells(caption: str) -> np.ndarray:
+    """The per-cell labels ``(9, 3)`` that ``caption`` describes: ``cell_attributes`` of its
+    parsed scene.
+
+    Raises:
+        ValueError: if the caption does not parse (see :func:`parse_caption`).
+    """
+    return cell_attributes(parse_caption(caption))
+
+
+def cells_from_attributes(attributes: torch.Tensor) -> torch.Tensor:
+    """Batched :func:`cell_attributes` from the items' ``attributes``.
+
+    Args:
+        attributes: ``(B, max_objects, 4)`` long rows of (shape, color, size, cell), -1 padding.
+
+    Returns:
+        ``(B, 9, 3)`` long: per cell the (shape, color, size) of its object, -1 if empty.
+    """
+    b = attributes.shape[0]
+    cells = attributes.new_full((b, len(CELLS) + 1, 3), -1)  # a spare cell takes the padding
+    cell = attributes[..., 3].clone()  # (B, max_objects)
+    cell[cell < 0] = len(CELLS)
+    rows = torch.arange(b, device=attributes.device)[:, None].expand_as(cell)
+    cells[rows, cell] = attributes[..., :3]  # padding rows write -1 into the spare cell
+    return cells[:, : len(CELLS)]  # (B, 9, 3)
 
 
 class ShapesDataset(Dataset):
