@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ORACLE_OVERRIDES, check_ok, run_entry
+from conftest import ORACLE_OVERRIDES, TINY, check_ok, run_entry
 from genlab.callbacks.generative_metrics import chunk_seed, chunks_of
 from genlab.data.shapes import ShapesDataModule
 from genlab.metrics.evaluators import ensure_evaluator
@@ -254,3 +254,33 @@ def test_bad_metrics_options_name_the_key() -> None:
         GenerativeMetrics(features="vgg")
     with pytest.raises(ValueError, match="generative_metrics.num_samples"):
         GenerativeMetrics(num_samples=1)
+
+
+def test_label_model_metrics_every_epoch_with_inception(inception_weights: Path, tmp_path: Path):
+    """`callbacks=metrics` during fit on a 1-channel label-conditional model, with Inception
+    features (grayscale repeated to RGB): labels i mod 10, val and test results with protocols."""
+    run_dir = tmp_path / "run"
+    shapes_only = ("model.text_encoder", "data.train_size", "data.val_size", "data.test_size")
+    overrides = [o for o in TINY if not o.startswith(shapes_only)]
+    result = run_entry(
+        "train.py",
+        *overrides,
+        "model=ddpm_label",
+        "data=digits",
+        "callbacks=metrics",
+        "trainer.max_steps=2",
+        f"callbacks.generative_metrics.inception_weights={inception_weights}",
+        f"hydra.run.dir={run_dir}",
+        tmp_path=tmp_path,
+        timeout=400,
+    )
+    check_ok(result)
+    assert "Inception-v3 weights not found" not in result.stdout + result.stderr
+    files = sorted(p.name for p in (run_dir / "metrics").iterdir())
+    assert files[0].startswith("test_step") and files[-1].startswith("val_step")
+    (val,) = json.loads((run_dir / "metrics" / files[-1]).read_text())
+    assert val["protocol"]["extractor"] == "inception-v3-compat"
+    assert val["protocol"]["extractor_version"] == file_version(inception_weights)
+    assert set(val["metrics"]) == {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall"}
+    header = (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/fid" in header and "test/fid" in header

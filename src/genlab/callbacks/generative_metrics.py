@@ -307,11 +307,20 @@ class GenerativeMetrics(L.Callback):
                     f"offline evaluator '{kind}' instead. These numbers are NOT comparable with "
                     "published Inception FIDs; the protocol names the extractor."
                 )
+        on_shapes = getattr(trainer.datamodule, "name", None) == "shapes"
+        if kind == "shapes_oracle" and not on_shapes:
+            log.warning(
+                f"no feature extractor for {type(trainer.datamodule).__name__}: the shapes oracle "
+                "reads only shapes images. FID/KID/IS/PR are skipped; give Inception weights "
+                "(callbacks.generative_metrics.inception_weights=...) or fallback=clip with a "
+                "CLIP trained on this data"
+            )
+            kind = None
         wanted_oracle = kind == "shapes_oracle" or (
             "caption" in self.metrics
             and getattr(pl_module, "condition", None) == "text"
             and self.evaluators["shapes_oracle"][0] is not None
-            and getattr(trainer.datamodule, "name", None) == "shapes"
+            and on_shapes
         )
         if wanted_oracle:
             tools["oracle"] = self.load_evaluator("shapes_oracle", device)
@@ -345,7 +354,7 @@ class GenerativeMetrics(L.Callback):
 
     def reference(self, trainer, datamodule, tools) -> tuple[torch.Tensor | None, dict]:
         """The real features (cached), or None when no feature metric is asked for."""
-        if not self.metrics & {"fid", "kid", "pr"}:
+        if not self.metrics & {"fid", "kid", "pr"} or "extractor" not in tools:
             return None, {}
         extractor = tools["extractor"]
         return reference_features(
@@ -407,7 +416,7 @@ class GenerativeMetrics(L.Callback):
                 )
             if "pr" in self.metrics:
                 metrics["pr"] = PrecisionRecall(reference=reference, k=s["pr_k"])
-        if "is" in self.metrics and callable(getattr(tools["extractor"], "class_probs", None)):
+        if "is" in self.metrics and callable(getattr(tools.get("extractor"), "class_probs", None)):
             metrics["is"] = InceptionScore(splits=min(s["is_splits"], self.num_samples // 2))
         prompts = conditions.get("prompts")
         if "caption" in self.metrics and "oracle" in tools and prompts:
@@ -444,7 +453,11 @@ class GenerativeMetrics(L.Callback):
     # ------------------------------------------------------------------------------------------
     # protocol, logging, files
     def base_protocol(self, tools: dict[str, Any], ref_info: dict[str, Any]) -> dict[str, Any]:
-        protocol = {**tools["extractor"].describe(), **self.settings}
+        extractor = tools.get("extractor")
+        described = (
+            extractor.describe() if extractor else {"extractor": None, "extractor_version": None}
+        )
+        protocol = {**described, **self.settings}
         if ref_info:
             protocol["reference"] = {
                 "split": ref_info["split"],

@@ -92,6 +92,9 @@ class InceptionV3:
     @torch.no_grad()
     def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """2048-d features and 1008 logits of images (N, 3, H, W) in [-1, 1], any H, W."""
+        check_images(images, name="Inception input")
+        if images.shape[1] == 1:  # grayscale: the same value in R, G and B
+            images = images.expand(-1, 3, -1, -1)
         check_images(images, name="Inception input", channels=3)
         features, logits = [], []
         with torch.autocast(self.device.type, enabled=False):
