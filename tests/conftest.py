@@ -46,6 +46,28 @@ ORACLE_OVERRIDES = [
     + "]",
     f"callbacks.generative_metrics.cache_dir={EVALUATORS / 'reference'}",
 ]
+CLIP_RECIPE = [
+    "experiment=clip_shapes",
+    "trainer.max_steps=20",
+    "data.resolution=16",
+    "data.batch_size=16",
+    "data.train_size=320",
+    "data.val_size=16",
+    "data.test_size=16",
+    "model.image_encoder.channels=[16,32]",
+    "model.image_encoder.heads=2",
+    "model.text_encoder.width=32",
+    "model.text_encoder.layers=1",
+    "model.text_encoder.heads=2",
+    "model.text_encoder.vocab_size=128",
+    "model.embed_dim=32",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+]
+CLIP_OVERRIDES = [  # CLIP scores with a tiny CLIP, built on first use like the oracle
+    f"callbacks.generative_metrics.clip_checkpoint={EVALUATORS / 'clip_shapes.ckpt'}",
+    "callbacks.generative_metrics.clip_recipe=[" + ",".join(f'"{o}"' for o in CLIP_RECIPE) + "]",
+]
 
 # The default job, shrunk to seconds: 16 px shapes, a 0.1M-parameter UNet and text encoder,
 # 4 optimizer steps (half an epoch: the final validation runs mid-epoch), a 4-image grid drawn

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ORACLE_OVERRIDES, TINY, check_ok, run_entry
+from conftest import CLIP_OVERRIDES, ORACLE_OVERRIDES, TINY, check_ok, run_entry
 from genlab.callbacks.generative_metrics import chunk_seed, chunks_of
 from genlab.data.shapes import ShapesDataModule
 from genlab.metrics.evaluators import ensure_evaluator
@@ -192,13 +192,19 @@ def test_eval_reports_every_metric_with_its_protocol(
 
 def test_guidance_sweep_and_leaderboard(trained_run: Path, tmp_path: Path) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    result, run_dir = eval_run(ckpt, tmp_path, "sweep", "eval.guidance_scales=[1,3]")
+    result, run_dir = eval_run(
+        ckpt, tmp_path, "sweep", "eval.guidance_scales=[1,3]", *CLIP_OVERRIDES
+    )
     check_ok(result)
     report = json.loads((run_dir / "metrics.json").read_text())
     assert [r["protocol"]["guidance_scale"] for r in report["results"]] == [1, 3]
-    assert {"test/w1/fid", "test/w3/fid"} <= set(report["metrics"])
+    assert {"test/w1/fid", "test/w3/fid", "test/w1/clip_score"} <= set(report["metrics"])
+    clip = report["results"][0]["metrics"]
+    assert clip["clip_score_w2.5"] == pytest.approx(clip["clip_score"] / 40)  # 2.5 vs 100 x cos
+    assert report["results"][0]["protocol"]["clip_version"]
     table = (run_dir / "sweep.md").read_text()
     assert "| guidance_scale |" in table and table.count("\n| ") == 3  # header + 2 rows
+    assert "clip_score" in table
     assert (run_dir / "sweep.csv").read_text().count("\n") == 3
     assert (run_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     # leaderboard: the sweep's report and a checkpoint evaluated now, under one protocol

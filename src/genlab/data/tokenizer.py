@@ -1,13 +1,16 @@
 """Byte-pair-encoding tokenizer trained on a dataset's captions (Sennrich et al. 2016).
 
 Built on the `tokenizers` library. The trained vocabulary serialises to a JSON string, which the
-model stores in its checkpoint, so a loaded model tokenizes prompts exactly as in training.
+model stores in its checkpoint under :data:`TOKENIZER_KEY`, so a loaded model tokenizes prompts
+exactly as in training. :func:`train_for_datamodule` is what every text model calls in its
+``setup()``: rank 0 trains on the datamodule's training captions and broadcasts the result.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -16,6 +19,7 @@ log = logging.getLogger(__name__)
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]  # ids 0..3 in this order
+TOKENIZER_KEY = "genlab_tokenizer"  # the tokenizer's JSON in a model checkpoint
 
 
 class BPETokenizer:
@@ -82,3 +86,43 @@ class BPETokenizer:
                 text,
             )
             self._warned_truncation = True
+
+
+def train_for_datamodule(
+    datamodule: Any, strategy: Any, *, vocab_size: int, max_vocab_size: int, model: str
+) -> BPETokenizer:
+    """Train a tokenizer on ``datamodule.train_captions()`` on rank 0 and broadcast it.
+
+    Every rank reads the captions, so a dataset without captions fails on all ranks alike
+    instead of leaving the others waiting in the broadcast.
+
+    Args:
+        datamodule: a genlab DataModule (``train_captions()``), e.g. ``trainer.datamodule``.
+        strategy: the Lightning strategy (``trainer.strategy``) whose ``broadcast`` shares
+            rank 0's tokenizer, so every rank tokenizes alike.
+        vocab_size: the BPE vocabulary to learn (``model.tokenizer_vocab_size``).
+        max_vocab_size: the rows of the text encoder's embedding table.
+        model: the model's config name, for the error messages (``"clip"``).
+
+    Raises:
+        ValueError: the dataset has no captions, or the vocabulary outgrows the text encoder.
+    """
+    captions = datamodule.train_captions() if hasattr(datamodule, "train_captions") else []
+    if not captions:
+        source = type(datamodule).__name__ if datamodule is not None else "no datamodule"
+        raise ValueError(
+            f"model={model} needs captions to train its tokenizer, but {source} gives none: "
+            "use a captioned dataset (data=shapes, data=coco, or data=image_folder with a "
+            "captions.jsonl or .txt captions)"
+        )
+    trained = None
+    if strategy.global_rank == 0:
+        trained = BPETokenizer.train(captions, vocab_size=vocab_size).to_json()
+    tokenizer = BPETokenizer.from_json(strategy.broadcast(trained, 0))
+    if tokenizer.vocab_size > max_vocab_size:
+        raise ValueError(
+            f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the text encoder's "
+            f"model.text_encoder.vocab_size={max_vocab_size}"
+        )
+    log.info("trained a BPE tokenizer of %d tokens", tokenizer.vocab_size)
+    return tokenizer

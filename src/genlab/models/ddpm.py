@@ -15,7 +15,6 @@ An exponential moving average of the weights is kept and used for sampling and e
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from genlab.data.tokenizer import BPETokenizer
+from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
 from genlab.diffusion.denoiser import Denoiser, broadcast, from_network
 from genlab.diffusion.guidance import (
     Thresholding,
@@ -38,10 +37,6 @@ from genlab.diffusion.parametrization import Prediction, q_sample, target, to_x0
 from genlab.diffusion.samplers import Sampler
 from genlab.diffusion.schedules import Schedule, ScheduleName
 from genlab.nn.ema import EMA
-
-log = logging.getLogger(__name__)
-
-TOKENIZER_KEY = "genlab_tokenizer"
 
 
 class DDPM(L.LightningModule):
@@ -168,17 +163,13 @@ class DDPM(L.LightningModule):
         """Train the BPE tokenizer on the training captions (once; rank 0's copy wins)."""
         if self.condition != "text" or self.tokenizer is not None:
             return
-        captions = self.trainer.datamodule.train_captions()
-        tokenizer_json = BPETokenizer.train(
-            captions, vocab_size=self.tokenizer_vocab_size
-        ).to_json()
-        self.tokenizer = BPETokenizer.from_json(self.trainer.strategy.broadcast(tokenizer_json, 0))
-        if self.tokenizer.vocab_size > self.denoiser["text"].vocab_size:
-            raise ValueError(
-                f"tokenizer vocabulary {self.tokenizer.vocab_size} exceeds the text encoder's "
-                f"model.text_encoder.vocab_size={self.denoiser['text'].vocab_size}"
-            )
-        log.info("trained a BPE tokenizer of %d tokens", self.tokenizer.vocab_size)
+        self.tokenizer = train_for_datamodule(
+            self.trainer.datamodule,
+            self.trainer.strategy,
+            vocab_size=self.tokenizer_vocab_size,
+            max_vocab_size=self.denoiser["text"].vocab_size,
+            model="ddpm",
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
