@@ -457,8 +457,12 @@ class GenerativeMetrics(L.Callback):
         described = (
             extractor.describe() if extractor else {"extractor": None, "extractor_version": None}
         )
-        protocol = {**described, **self.settings}
+        protocol = {**described, **self.settings}  # with the values in effect:
+        protocol["is_splits"] = min(self.settings["is_splits"], self.num_samples // 2)
         if ref_info:
+            protocol["kid_subset_size"] = min(
+                self.settings["kid_subset_size"], ref_info["num_images"], self.num_samples
+            )
             protocol["reference"] = {
                 "split": ref_info["split"],
                 "num_images": ref_info["num_images"],
