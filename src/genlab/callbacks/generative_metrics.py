@@ -30,6 +30,7 @@ The protocol (DESIGN.md, "Evaluation protocol"):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -48,7 +49,8 @@ import genlab
 from genlab.data.shapes import caption_cells
 from genlab.metrics.evaluators import ensure_evaluator
 from genlab.metrics.extractors import (
-    CheckpointFeatures,
+    CheckpointEvaluator,
+    CLIPImageFeatures,
     InceptionV3,
     find_inception_weights,
     inception_weights_candidates,
@@ -57,7 +59,7 @@ from genlab.metrics.fid import FID
 from genlab.metrics.inception_score import InceptionScore
 from genlab.metrics.kid import KID
 from genlab.metrics.precision_recall import PrecisionRecall
-from genlab.metrics.reference import reference_features
+from genlab.metrics.reference import reference_features, split_dataset
 from genlab.metrics.text_image import CaptionAccuracy, CLIPScore
 from genlab.utils.images import check_images
 from genlab.utils.rank_logging import RankedLogger
@@ -223,7 +225,7 @@ class GenerativeMetrics(L.Callback):
         results = []
         for scale in self.guidance_scales:
             start = time.monotonic()
-            source = lambda items, s=scale: self.generate(pl_module, conditions, items, s)  # noqa: E731
+            source = functools.partial(self.generate, pl_module, conditions, scale=scale)
             values = self.measure(trainer, tools, reference, conditions, source)
             protocol = self.protocol(pl_module, tools, ref_info, scale, values.pop("num_samples"))
             protocol["seconds"] = round(time.monotonic() - start, 2)
@@ -234,8 +236,6 @@ class GenerativeMetrics(L.Callback):
 
     def evaluate_real(self, trainer, datamodule, tools, reference, ref_info) -> dict[str, Any]:
         """The floor: real images of ``real_split`` measured as if they were generated."""
-        from genlab.metrics.reference import split_dataset
-
         dataset = split_dataset(datamodule, self.real_split)
         n = min(self.num_samples, len(dataset))
         captions = [dataset[i].get("caption") for i in range(n)]
@@ -334,11 +334,11 @@ class GenerativeMetrics(L.Callback):
         if kind == "shapes_oracle":
             tools["extractor"] = tools["oracle"]
         elif kind == "clip":
-            tools["extractor"] = ClipImageFeatures(tools["clip"])
+            tools["extractor"] = CLIPImageFeatures(tools["clip"])
         self.tools = tools
         return tools
 
-    def load_evaluator(self, name: str, device: torch.device) -> CheckpointFeatures:
+    def load_evaluator(self, name: str, device: torch.device) -> CheckpointEvaluator:
         """Find (or build) and load an evaluator checkpoint, frozen, on ``device``."""
         checkpoint, recipe = self.evaluators[name]
         if checkpoint is None:
@@ -348,7 +348,7 @@ class GenerativeMetrics(L.Callback):
             )
         path = ensure_evaluator(checkpoint, recipe, name=name)  # a lock: one build
         module = genlab.load(path, map_location=device).requires_grad_(False)
-        evaluator = EvaluatorModule(module, name=name, checkpoint=path)
+        evaluator = CheckpointEvaluator(module, name=name, checkpoint=path)
         log.info(f"{name} evaluator {path} (version {evaluator.version})")
         return evaluator
 
@@ -387,7 +387,7 @@ class GenerativeMetrics(L.Callback):
             return {"prompts": [prompts[i % len(prompts)] for i in range(n)]}
         return {}
 
-    def generate(self, pl_module, conditions: dict, items: range, scale) -> torch.Tensor:
+    def generate(self, pl_module, conditions: dict, items: range, *, scale) -> torch.Tensor:
         """Images of ``items``: one chunk, from its own seeded generator."""
         generator = torch.Generator().manual_seed(
             chunk_seed(self.seed, items.start // self.batch_size)
@@ -443,7 +443,7 @@ class GenerativeMetrics(L.Callback):
         prompts = [conditions["prompts"][i] for i in items] if "prompts" in conditions else None
         if "caption" in metrics:
             wanted = torch.from_numpy(np.stack([caption_cells(p) for p in prompts])).to(device)
-            metrics["caption"].update(tools["oracle"].parse(images).to(device), wanted)
+            metrics["caption"].update(tools["oracle"].module.parse(images).to(device), wanted)
         if "clip" in metrics:
             clip = tools["clip"].module
             metrics["clip"].update(
@@ -522,29 +522,6 @@ class GenerativeMetrics(L.Callback):
         if key not in self.warned:
             log.info(message)
             self.warned.add(key)
-
-
-class EvaluatorModule(CheckpointFeatures):
-    """A loaded evaluator checkpoint; unlike CheckpointFeatures it need not give features (CLIP)."""
-
-    def __init__(self, module: Any, *, name: str, checkpoint: str | Path) -> None:
-        from genlab.metrics.extractors import file_version
-
-        self.module, self.name, self.checkpoint = module, name, str(checkpoint)
-        self.version = file_version(checkpoint)
-
-
-class ClipImageFeatures:
-    """CLIP image embeddings as FID/KID/PR features (no class probabilities: no IS)."""
-
-    def __init__(self, clip: EvaluatorModule) -> None:
-        self.clip, self.name, self.version = clip, "clip", clip.version
-
-    def describe(self) -> dict[str, Any]:
-        return {"extractor": "clip-image-embedding", "extractor_version": self.version}
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clip.module.encode_images(images).float()
 
 
 def parsable(prompts: list[str]) -> bool:

@@ -8,8 +8,9 @@ Two kinds (DESIGN.md, "Evaluation protocol"):
   folder. Nothing is ever downloaded. Its 2048-d pool features feed FID, KID and
   precision/recall; the softmax of its 1008 ``logits_unbiased`` feeds the Inception Score, as in
   torch-fidelity.
-* :class:`CheckpointFeatures`: an offline evaluator the project trains itself (the shapes
-  oracle), loaded from its checkpoint. Its ``features`` and ``class_probs`` play the same roles.
+* :class:`CheckpointEvaluator`: an offline evaluator the project trains itself (the shapes
+  oracle), loaded from its checkpoint. Its ``features`` and ``class_probs`` play the same roles;
+  :class:`CLIPImageFeatures` offers a CLIP evaluator's image embeddings as features.
 
 The ``version`` of an extractor is the first 12 hex digits of the SHA-256 of its weights file;
 it goes into every metric's protocol and into the key of cached reference statistics, so numbers
@@ -113,21 +114,15 @@ class InceptionV3:
         return self.outputs(images)[1].softmax(dim=1)
 
 
-class CheckpointFeatures:
-    """An offline evaluator loaded from a genlab checkpoint (e.g. the shapes oracle).
+class CheckpointEvaluator:
+    """An offline evaluator loaded from a genlab checkpoint: the shapes oracle or CLIP.
 
-    ``module`` is the loaded LightningModule; it must provide ``features(images)`` and
-    ``class_probs(images)``; ``parse(images)`` (the oracle's caption parsing) is passed through
-    when present.
+    ``module`` is the loaded LightningModule. As a feature extractor it must provide
+    ``features(images)`` and ``class_probs(images)`` (the oracle); ``parse`` (the oracle's
+    caption parsing) and ``encode_images`` / ``encode_texts`` (CLIP) are reached via ``module``.
     """
 
     def __init__(self, module: Any, *, name: str, checkpoint: str | Path) -> None:
-        for method in ("features", "class_probs"):
-            if not callable(getattr(module, method, None)):
-                raise ValueError(
-                    f"the evaluator checkpoint {str(checkpoint)!r} ({type(module).__name__}) has "
-                    f"no {method}() method: it cannot provide metric features"
-                )
         self.module, self.name = module, name
         self.checkpoint = str(checkpoint)
         self.version = file_version(checkpoint)
@@ -141,9 +136,16 @@ class CheckpointFeatures:
     def class_probs(self, images: torch.Tensor) -> torch.Tensor:
         return self.module.class_probs(images).float()
 
-    @property
-    def can_parse(self) -> bool:
-        return callable(getattr(self.module, "parse", None))
 
-    def parse(self, images: torch.Tensor) -> torch.Tensor:
-        return self.module.parse(images)
+class CLIPImageFeatures:
+    """A CLIP evaluator's image embeddings as FID/KID/PR features (Kynkäänniemi et al. 2023 use
+    CLIP features for FID); no class probabilities, so no Inception Score."""
+
+    def __init__(self, clip: CheckpointEvaluator) -> None:
+        self.clip, self.version = clip, clip.version
+
+    def describe(self) -> dict[str, Any]:
+        return {"extractor": "clip-image-embedding", "extractor_version": self.version}
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.module.encode_images(images).float()
