@@ -132,6 +132,21 @@ def run_entry(
     return result
 
 
+def quiet_trainer(tmp_path: Path, **overrides):
+    """A CPU Lightning Trainer without logger, progress bar, summary or checkpoints."""
+    import lightning as L
+
+    args = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    return L.Trainer(**{**args, **overrides})
+
+
 def check_ok(result: subprocess.CompletedProcess) -> None:
     """Fail with the end of the subprocess's output when it did not exit with 0."""
     tail = (result.stdout[-3000:] + "\n----- stderr -----\n" + result.stderr[-6000:]).strip()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import genlab
-from conftest import check_ok, run_entry
+from conftest import CLIP_RECIPE, check_ok, quiet_trainer, run_entry
 from genlab.data.common import GenDataModule
 from genlab.data.shapes import ShapesDataModule
 from genlab.models.clip import (
@@ -64,15 +64,7 @@ def tiny_data(**kw) -> ShapesDataModule:
 
 
 def trainer(tmp_path, **kw) -> L.Trainer:
-    args = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    return L.Trainer(**{**args, **kw})
+    return quiet_trainer(tmp_path, **kw)
 
 
 def val_items(data: ShapesDataModule) -> tuple[torch.Tensor, list[str]]:
@@ -300,23 +292,8 @@ def test_clip_shapes_recipe_through_the_entry_point(tmp_path):
     run_dir = tmp_path / "run"
     result = run_entry(
         "train.py",
-        "experiment=clip_shapes",
-        "trainer.max_steps=3",
+        *CLIP_RECIPE,  # the tiny recipe the metrics tests build CLIP with
         "trainer.log_every_n_steps=1",
-        "data.resolution=16",
-        "data.batch_size=8",
-        "data.train_size=64",
-        "data.val_size=16",
-        "data.test_size=16",
-        "model.image_encoder.channels=[16,32]",
-        "model.image_encoder.heads=2",
-        "model.text_encoder.width=32",
-        "model.text_encoder.layers=1",
-        "model.text_encoder.heads=2",
-        "model.text_encoder.vocab_size=128",
-        "model.embed_dim=32",
-        "callbacks.rich_progress_bar=null",
-        "callbacks.model_summary=null",
         f"hydra.run.dir={run_dir}",
         tmp_path=tmp_path,
     )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import genlab
+from conftest import quiet_trainer
 from genlab.data.shapes import ShapesDataModule
 from genlab.diffusion.samplers import Sampler
 from genlab.models.ddpm import DDPM
@@ -51,15 +52,7 @@ def tiny_model(**kw) -> DDPM:
 
 
 def trainer(tmp_path, **kw) -> L.Trainer:
-    args = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    return L.Trainer(**{**args, **kw})
+    return quiet_trainer(tmp_path, **kw)
 
 
 @pytest.fixture(scope="module")

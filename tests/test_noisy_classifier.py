@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import genlab
-from conftest import CONF, TINY, check_ok, run_entry
+from conftest import CONF, TINY, check_ok, quiet_trainer, run_entry
 from genlab.data.digits import DigitsDataModule
 from genlab.data.shapes import ShapesDataModule
 from genlab.diffusion.schedules import Schedule
@@ -45,16 +45,7 @@ def tiny_model(**kw) -> NoisyClassifier:
 
 
 def trainer(tmp_path, **kw) -> L.Trainer:
-    args = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**args, **kw})
+    return quiet_trainer(tmp_path, **{"num_sanity_val_steps": 0, **kw})
 
 
 def val_images() -> tuple[torch.Tensor, torch.Tensor]:

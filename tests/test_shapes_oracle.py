@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import genlab
-from conftest import check_ok, run_entry
+from conftest import check_ok, quiet_trainer, run_entry
 from genlab.data.digits import DigitsDataModule
 from genlab.data.shapes import (
     COLOR_NAMES,
@@ -64,16 +64,7 @@ FIT_STEPS = 400
 
 
 def trainer(tmp_path, **kw) -> L.Trainer:
-    args = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**args, **kw})
+    return quiet_trainer(tmp_path, **{"num_sanity_val_steps": 0, **kw})
 
 
 def val_batch(data: ShapesDataModule) -> dict:

@@ -113,3 +113,37 @@ class FeatureBank(Metric):
     def compute(self) -> torch.Tensor:
         """All features ``(N, D)`` in the order of their index, in the dtype they were given."""
         return sort_by_index(self.features, self.index)
+
+
+class ReferenceMetric(FeatureBank):
+    """A metric of generated features against reference (real) features: KID, precision/recall.
+
+    The generated features are gathered as in :class:`FeatureBank`; the reference is not a state:
+    every rank gets all of it with ``reference=`` or :meth:`set_reference`, so it is never summed
+    or concatenated over ranks. Subclasses compute from :meth:`pair`.
+    """
+
+    def __init__(self, reference: torch.Tensor | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.reference = None  # not a buffer: no .half() or .float()
+        if reference is not None:
+            self.set_reference(reference)
+
+    def set_reference(self, features: torch.Tensor) -> None:
+        """Use these real features ``(N_ref, D)`` (all of them, on every rank)."""
+        check_features(features, "reference features", dim=state_dim(self.features))
+        self.reference = features.detach()
+
+    def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
+        """Add generated features ``(B, D)`` of the items ``index`` ``(B,)``."""
+        if self.reference is not None:
+            check_features(features, dim=self.reference.shape[1])
+        super().update(features, index)
+
+    def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference, generated features sorted by index), on the same device."""
+        if self.reference is None:
+            name = type(self).__name__
+            raise ValueError(f"{name} has no reference: pass reference= or call set_reference()")
+        fake = sort_by_index(self.features, self.index)
+        return self.reference.to(fake.device), fake

@@ -20,9 +20,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torchmetrics import Metric
 
-from genlab.metrics.feature_bank import check_features, check_index, sort_by_index, state_dim
+from genlab.metrics.feature_bank import ReferenceMetric, check_features
 
 
 def polynomial_kernel(
@@ -89,7 +88,7 @@ def kernel_inception_distance(
     return mmd2.mean().item(), mmd2.std(correction=0).item()
 
 
-class KID(Metric):
+class KID(ReferenceMetric):
     """Kernel Inception Distance (Bińkowski et al. 2018) of generated features to a reference.
 
     ``update(features, index)`` gathers the generated features with their global item index
@@ -114,35 +113,13 @@ class KID(Metric):
         seed: int = 0,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(reference, **kwargs)
         self.kid_kwargs = {"subsets": subsets, "subset_size": subset_size, "degree": degree}
         self.kid_kwargs |= {"gamma": gamma, "coef0": coef0, "seed": seed}
-        self.add_state("features", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-        self.reference = None  # not a buffer: no .half() or .float()
-        if reference is not None:
-            self.set_reference(reference)
-
-    def set_reference(self, features: torch.Tensor) -> None:
-        """Use these real features ``(N_ref, D)`` (all of them, on every rank)."""
-        check_features(features, "reference features", dim=state_dim(self.features))
-        self.reference = features.detach()
-
-    def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
-        """Add generated features ``(B, D)`` of the items ``index`` ``(B,)``."""
-        dim = self.reference.shape[1] if self.reference is not None else state_dim(self.features)
-        check_features(features, dim=dim)
-        check_index(index, len(features))
-        self.features.append(features.detach())
-        self.index.append(index.detach().long())
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of KID over the subsets, float64 scalars."""
-        if self.reference is None:
-            raise ValueError("KID has no reference: pass reference= or call set_reference()")
-        fake = sort_by_index(self.features, self.index)
-        mean, std = kernel_inception_distance(
-            self.reference.to(fake.device), fake, **self.kid_kwargs
-        )
+        real, fake = self.pair()
+        mean, std = kernel_inception_distance(real, fake, **self.kid_kwargs)
         as_tensor = {"dtype": torch.float64, "device": self.device}
         return torch.tensor(mean, **as_tensor), torch.tensor(std, **as_tensor)

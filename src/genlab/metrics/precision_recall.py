@@ -15,9 +15,8 @@ float64, ``batch_size`` rows at a time, so memory stays at ``batch_size × N`` d
 from __future__ import annotations
 
 import torch
-from torchmetrics import Metric
 
-from genlab.metrics.feature_bank import check_features, check_index, sort_by_index, state_dim
+from genlab.metrics.feature_bank import ReferenceMetric, check_features
 
 
 def knn_radii(features: torch.Tensor, k: int, batch_size: int = 1024) -> torch.Tensor:
@@ -66,7 +65,7 @@ def precision_recall(
     return precision.item(), recall.item()
 
 
-class PrecisionRecall(Metric):
+class PrecisionRecall(ReferenceMetric):
     """Improved precision and recall (Kynkäänniemi et al. 2019) of generated features.
 
     ``update(features, index)`` gathers the generated features (``cat`` states; the index only
@@ -82,36 +81,12 @@ class PrecisionRecall(Metric):
     def __init__(
         self, reference: torch.Tensor | None = None, *, k: int = 3, batch_size: int = 1024, **kwargs
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(reference, **kwargs)
         self.k, self.batch_size = k, batch_size
-        self.add_state("features", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-        self.reference = None  # not a buffer: no .half() or .float()
-        if reference is not None:
-            self.set_reference(reference)
-
-    def set_reference(self, features: torch.Tensor) -> None:
-        """Use these real features ``(N_ref, D)`` (all of them, on every rank)."""
-        check_features(features, "reference features", dim=state_dim(self.features))
-        self.reference = features.detach()
-
-    def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
-        """Add generated features ``(B, D)`` of the items ``index`` ``(B,)``."""
-        dim = self.reference.shape[1] if self.reference is not None else state_dim(self.features)
-        check_features(features, dim=dim)
-        check_index(index, len(features))
-        self.features.append(features.detach())
-        self.index.append(index.detach().long())
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(precision, recall), float64 scalars."""
-        if self.reference is None:
-            raise ValueError(
-                "PrecisionRecall has no reference: pass reference= or call set_reference()"
-            )
-        fake = sort_by_index(self.features, self.index)
-        precision, recall = precision_recall(
-            self.reference.to(fake.device), fake, k=self.k, batch_size=self.batch_size
-        )
+        real, fake = self.pair()
+        precision, recall = precision_recall(real, fake, k=self.k, batch_size=self.batch_size)
         as_tensor = {"dtype": torch.float64, "device": self.device}
         return torch.tensor(precision, **as_tensor), torch.tensor(recall, **as_tensor)

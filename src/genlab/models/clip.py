@@ -46,6 +46,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
 from genlab.utils.images import check_images
+from genlab.utils.lr_schedule import optimizers
 
 MAX_LOGIT_SCALE = 100.0  # §2.5: "clipped to prevent scaling the logits by more than 100"
 ENCODE_BATCH = 256  # most items encoded at once by encode_images / encode_texts
@@ -230,15 +231,7 @@ class CLIP(L.LightningModule):
             {"params": [p for _, p in named if p.ndim >= 2]},
             {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
         ]
-        optimizer = self.optimizer_factory(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.lr_scheduler_factory(optimizer, total_steps=total)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizers(self.optimizer_factory, self.lr_scheduler_factory, groups, self.trainer)
 
     # ----------------------------------------------------------------------------------------
     # evaluation: over the whole split, in float32

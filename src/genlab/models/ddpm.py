@@ -37,6 +37,7 @@ from genlab.diffusion.parametrization import Prediction, q_sample, target, to_x0
 from genlab.diffusion.samplers import Sampler
 from genlab.diffusion.schedules import Schedule, ScheduleName
 from genlab.nn.ema import EMA
+from genlab.utils.lr_schedule import optimizers
 
 
 class DDPM(L.LightningModule):
@@ -318,15 +319,12 @@ class DDPM(L.LightningModule):
         return bits_per_dim(denoiser, images, generator=generators)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.denoiser.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.lr_scheduler_factory(optimizer, total_steps=total)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizers(
+            self.optimizer_factory,
+            self.lr_scheduler_factory,
+            self.denoiser.parameters(),
+            self.trainer,
+        )
 
     # ----------------------------------------------------------------------------------------
     # sampling

@@ -30,6 +30,7 @@ from torchmetrics import MeanMetric
 from genlab.diffusion.denoiser import broadcast
 from genlab.diffusion.parametrization import q_sample
 from genlab.diffusion.schedules import Schedule, ScheduleName
+from genlab.utils.lr_schedule import optimizers
 
 BAND_EDGES = (0.0, 0.1, 0.25, 0.5, 1.0)  # accuracy bands of t, as fractions of T
 
@@ -189,15 +190,9 @@ class NoisyClassifier(L.LightningModule):
         self.update_metrics("test", batch)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.net.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.lr_scheduler_factory(optimizer, total_steps=total)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizers(
+            self.optimizer_factory, self.lr_scheduler_factory, self.net.parameters(), self.trainer
+        )
 
     # ----------------------------------------------------------------------------------------
     # guidance

@@ -37,6 +37,7 @@ from torchmetrics import MeanMetric
 
 from genlab.data.shapes import CELLS, COLOR_NAMES, SHAPES, SIZE_NAMES, cells_from_attributes
 from genlab.utils.images import check_images
+from genlab.utils.lr_schedule import optimizers
 from genlab.utils.rank_logging import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -113,15 +114,9 @@ class ShapesOracle(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.net.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.lr_scheduler_factory(optimizer, total_steps=total)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return optimizers(
+            self.optimizer_factory, self.lr_scheduler_factory, self.net.parameters(), self.trainer
+        )
 
     # ----------------------------------------------------------------------------------------
     # evaluation

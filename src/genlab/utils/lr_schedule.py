@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -23,3 +25,20 @@ def warmup_cosine(
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def optimizers(
+    optimizer_factory: Callable[..., Optimizer],
+    scheduler_factory: Callable[..., Any] | None,
+    params: Iterable[Any],
+    trainer: Any,
+) -> Optimizer | dict[str, Any]:
+    """What a model's ``configure_optimizers`` returns: the optimizer over ``params`` and, if a
+    scheduler factory is given, its scheduler over the trainer's total optimizer steps
+    (``estimated_stepping_batches``), stepped every optimizer step."""
+    optimizer = optimizer_factory(params)
+    if scheduler_factory is None:
+        return optimizer
+    total = int(trainer.estimated_stepping_batches)
+    scheduler = scheduler_factory(optimizer, total_steps=total)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
