@@ -76,6 +76,7 @@ class PatchDiscriminator(nn.Module):
                 f"divisible by groups={groups} with norm='group'"
             )
         self.receptive_field = receptive_field(layers)
+        self.layers, self.min_size = layers, 3 * 2**layers  # the smallest input with one logit
         bias = norm == "none"  # a normalisation's shift makes a conv bias redundant
         blocks = [nn.Conv2d(in_channels, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         for n in range(1, layers + 1):
