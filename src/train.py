@@ -58,7 +58,12 @@ def train(cfg: DictConfig) -> TaskResult:
         cfg.get("logger"), output_dir=cfg.paths.output_dir, ckpt_path=cfg.get("ckpt_path")
     )
     log.info(f"instantiating trainer <{cfg.trainer._target_}>")
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        **manual_optimization_overrides(model, cfg.trainer),
+    )
     log_hyperparameters(cfg=cfg, model=model, trainer=trainer)
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -68,6 +73,34 @@ def train(cfg: DictConfig) -> TaskResult:
         metrics.update(trainer.callback_metrics)
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
     return metrics, objects
+
+
+def manual_optimization_overrides(model: L.LightningModule, trainer_cfg: DictConfig) -> dict:
+    """Trainer arguments for a model that runs its own optimizer steps (the first stages with
+    an adversary).
+
+    * Lightning refuses ``gradient_clip_val`` for such a model, so the model clips with its
+      ``grad_clip`` (its configs default it to ``trainer.gradient_clip_val``) and the trainer
+      gets none.
+    * Its generator and discriminator steps each leave the other's parameters without gradients,
+      which DDP only allows with ``find_unused_parameters``: a DDP strategy gets it turned on.
+    """
+    if model.automatic_optimization:
+        return {}
+    log.info(
+        f"{type(model).__name__} optimizes manually and clips its own gradients "
+        f"(model.grad_clip={getattr(model, 'grad_clip', None)}); the trainer does not clip"
+    )
+    overrides: dict = {"gradient_clip_val": None}
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(strategy, str) and strategy == "ddp":
+        overrides["strategy"] = "ddp_find_unused_parameters_true"
+    elif isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith(
+        "DDPStrategy"
+    ):
+        strategy = OmegaConf.to_container(strategy, resolve=True)
+        overrides["strategy"] = {**strategy, "find_unused_parameters": True}
+    return overrides
 
 
 def checkpoint_to_test(trainer: L.Trainer, cfg: DictConfig) -> str | None:

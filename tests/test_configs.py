@@ -100,6 +100,7 @@ def test_hparams_search_params_are_config_keys(search: str, tmp_path: Path) -> N
 
 
 NOT_GENERATIVE = {"noisy_classifier", "shapes_oracle", "clip"}  # evaluators and guides
+FIRST_STAGES = {"vqgan", "vqvae", "dvae"}  # reconstruct; the VAEs also generate
 
 
 @pytest.mark.parametrize("model", options("model"))
@@ -107,7 +108,9 @@ def test_every_model_config_instantiates(model: str, tmp_path: Path) -> None:
     cfg = compose_cfg("train.yaml", [f"model={model}"], tmp_path)
     module = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
     assert sum(p.numel() for p in module.parameters()) > 0
-    assert hasattr(module, "generate") or model in NOT_GENERATIVE
+    assert hasattr(module, "generate") or model in NOT_GENERATIVE | FIRST_STAGES
+    if model in FIRST_STAGES:
+        assert callable(module.reconstruct)
 
 
 @pytest.mark.parametrize("sampler", options("sampler"))
