@@ -4,7 +4,11 @@ Rebuild the model from the checkpoint alone (``genlab.load``), run ``trainer.tes
 datamodule stored in the checkpoint (or the one given as ``data=``) with the generative-metrics
 callback (``callbacks/generative_metrics.yaml``, protocol options under ``eval``), and write a
 JSON report to ``metrics_file`` (default ``<run folder>/metrics.json``): every logged metric, and
-each generative result with its protocol. A guidance sweep (``eval.guidance_scales=[1,2,4,8]``)
+each generative result with its protocol. A first-stage autoencoder (VAE, VQ-GAN, dVAE) is
+measured by its reconstructions (the result ``reconstructed``: rFID, KID, precision/recall,
+caption accuracy, PSNR, SSIM, logged as ``test/recon/...``); the VAE also by its prior samples
+(``generated``). Sampling options (``sampler``, ``eval.steps``, guidance scales) are refused for a
+model that does not generate. A guidance sweep (``eval.guidance_scales=[1,2,4,8]``)
 also writes ``sweep.md``, ``sweep.csv`` and ``sweep.png`` (FID against CLIP score, or against
 caption accuracy without CLIP). ``+compare=[a.ckpt, b.ckpt, run_dir, report.json]`` evaluates the
 checkpoints under this one protocol, reads the reports, and writes a leaderboard
@@ -51,7 +55,11 @@ COLUMNS = [
     ("recall", "recall ↑"),
     ("caption_exact", "caption exact ↑"),
     ("clip_score", "CLIP score ↑"),
+    ("psnr", "PSNR ↑"),  # reconstructions
+    ("ssim", "SSIM ↑"),
 ]
+# eval options that only a model that generates can use
+SAMPLING_KEYS = ("steps", "guidance_scale", "guidance_scales")
 # protocol fields that must agree for numbers to be compared
 PROTOCOL_KEYS = ("extractor", "extractor_version", "num_samples", "reference", "oracle_version")
 
@@ -73,6 +81,7 @@ def evaluate_checkpoint(
         L.seed_everything(cfg.seed, workers=True)
     ckpt = read_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, path=ckpt_path)
+    check_sampling(cfg, model)
     data_cfg = data_config(cfg, ckpt)
     log.info(f"instantiating data <{data_cfg['_target_']}>")
     datamodule = instantiate(data_cfg)
@@ -95,6 +104,22 @@ def evaluate_checkpoint(
     return report, objects
 
 
+def check_sampling(cfg: DictConfig, model: L.LightningModule) -> None:
+    """Refuse sampling options for a model that does not generate (a VQ-GAN or dVAE first stage,
+    measured by its reconstructions) rather than ignore them."""
+    if callable(getattr(model, "generate", None)):
+        return
+    asked = [f"eval.{k}={cfg.eval.get(k)}" for k in SAMPLING_KEYS if cfg.eval.get(k) is not None]
+    if cfg.get("sampler") is not None:
+        asked.append(f"sampler={cfg.sampler.get('name', cfg.sampler)}")
+    if asked:
+        raise ConfigError(
+            f"{', '.join(asked)}: {type(model).__name__} does not generate (a first-stage "
+            "autoencoder, measured by its reconstructions: rFID, PSNR, SSIM), so it has no "
+            "sampler, steps or guidance scale; leave them out"
+        )
+
+
 def data_config(cfg: DictConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
     """The ``data=`` config if one was given, else the one stored in the checkpoint."""
     if cfg.get("data") is not None:
@@ -115,7 +140,24 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     partial.write_text(json.dumps(report, indent=2, default=str) + "\n")
     os.replace(partial, path)
     log.info(f"metrics: {report['metrics']}")
+    for result in report["results"]:
+        print(summary_line(result))
     print(f"metrics written to {path}")
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """One line per result: its name, what was measured, and its numbers."""
+    protocol = result["protocol"]
+    what = protocol.get("source") or (
+        f"sampler {protocol['sampler']}, w={protocol.get('guidance_scale')}"
+        if protocol.get("sampler")
+        else "samples"
+    )
+    numbers = ", ".join(f"{k}={format_cell(v)}" for k, v in result["metrics"].items())
+    return (
+        f"{result['name']} ({what}; {protocol.get('extractor')}, n={protocol.get('num_samples')}):"
+        f" {numbers}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Generative metrics during training and from ``eval.py``: FID, KID, IS, precision/recall, CLIP
-score and caption accuracy, correct under DDP, each number with its protocol.
+score and caption accuracy of generated images, rFID, PSNR and SSIM of reconstructions, correct
+under DDP, each number with its protocol.
 
 The protocol (DESIGN.md, "Evaluation protocol"):
 
@@ -22,20 +23,33 @@ The protocol (DESIGN.md, "Evaluation protocol"):
 * **Reference statistics** of ``num_reference`` real images of ``reference_split`` are cached
   on disk, keyed by the dataset description and the extractor version
   (``genlab.metrics.reference``).
+* **Reconstructions.** A model with ``reconstruct(images)`` (the first stages: VAE, VQ-GAN,
+  dVAE) also gets the result ``reconstructed``: its reconstructions of items 0..n-1 of
+  ``reference_split`` (n = ``num_samples`` capped at the split's size), the same items as the
+  reference features, measured as if generated. FID against the reference is then rFID, the
+  reconstruction FID (Esser et al. 2021, Table 2; Rombach et al. 2022, Table 8), with KID and
+  precision/recall beside it; caption accuracy compares the reconstructions with their own
+  captions (shapes data); PSNR and SSIM compare them with the originals
+  (``genlab.metrics.reconstruction``). No Inception Score: it rates diversity and class
+  confidence, not fidelity to an input. The chunks are sharded as above; ``reconstruct`` is
+  deterministic, so no seed is involved. A model that reconstructs but does not generate (VQ-GAN,
+  dVAE) gets only this result; the VAE gets both.
 * Every result carries its protocol: extractor and version, sample and reference counts,
   sampler, steps, guidance scale, seed, weights (EMA or raw), evaluator versions. Results go to
-  the loggers as ``<stage>/<metric>`` (``<stage>/w<scale>/<metric>`` in a guidance sweep) and, with
-  their protocols, to ``<output_dir>/metrics/<stage>_step<step>.json``.
+  the loggers as ``<stage>/<metric>`` (``<stage>/w<scale>/<metric>`` in a guidance sweep,
+  ``<stage>/recon/<metric>`` for reconstructions, ``<stage>/real_<split>/<metric>`` for the real
+  floor) and, with their protocols, to ``<output_dir>/metrics/<stage>_step<step>.json``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +73,7 @@ from genlab.metrics.fid import FID
 from genlab.metrics.inception_score import InceptionScore
 from genlab.metrics.kid import KID
 from genlab.metrics.precision_recall import PrecisionRecall
+from genlab.metrics.reconstruction import ReconstructionMetrics
 from genlab.metrics.reference import reference_features, split_dataset
 from genlab.metrics.text_image import CaptionAccuracy, CLIPScore
 from genlab.utils.images import check_images
@@ -68,6 +83,7 @@ log = RankedLogger(__name__, rank_zero_only=True)
 
 GENERATION_PURPOSE = 1  # seeds of generated chunks: (seed, GENERATION_PURPOSE, chunk)
 METRICS = ("fid", "kid", "is", "pr", "caption", "clip")
+LOG_NAMES = {"reconstructed": "recon"}  # result name -> its part of the logged keys
 
 
 def chunk_seed(seed: int, chunk: int, purpose: int = GENERATION_PURPOSE) -> int:
@@ -83,10 +99,12 @@ def chunks_of(rank: int, world_size: int, n: int, size: int) -> list[range]:
 
 
 class GenerativeMetrics(L.Callback):
-    """Generate images and compute FID / KID / IS / PR / CLIP score / caption accuracy.
+    """Generate images and compute FID / KID / IS / PR / CLIP score / caption accuracy; for a
+    model that reconstructs, also rFID / KID / PR / caption accuracy / PSNR / SSIM of its
+    reconstructions.
 
     Args:
-        num_samples: images generated per evaluation.
+        num_samples: images generated (and reconstructed) per evaluation.
         batch_size: images per generated chunk (the unit of sharding and seeding).
         every_n_epochs: evaluate after every n-th validation epoch while fitting (0: never).
         on_test: evaluate at the end of ``trainer.test`` (what ``eval.py`` and the default job's
@@ -104,7 +122,8 @@ class GenerativeMetrics(L.Callback):
             overrides that build it when missing (None: never build).
         clip_checkpoint, clip_recipe: the same for CLIP (None checkpoint: no CLIP score).
         reference_split, num_reference: real images the generated ones are compared with
-            (default ``num_samples``, capped at the split's size).
+            (default ``num_samples``, capped at the split's size); a reconstructing model
+            reconstructs the first ``num_samples`` of them.
         real_split: also evaluate real images of this split as if generated (the floor).
         cache_dir: reference-statistics cache folder (None: no cache).
         output_dir: the run folder for ``metrics/*.json``; default ``trainer.default_root_dir``.
@@ -183,7 +202,8 @@ class GenerativeMetrics(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Find or build the evaluators before any training, so a problem shows at once."""
         will_run = {"fit": self.on_test or self.every_n_epochs, "test": self.on_test}.get(stage)
-        if will_run and callable(getattr(pl_module, "generate", None)):
+        if will_run and (generates(pl_module) or reconstructs(pl_module)):
+            self.check_sampling(pl_module)
             self.prepare(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -199,9 +219,12 @@ class GenerativeMetrics(L.Callback):
     # ------------------------------------------------------------------------------------------
     # one evaluation
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[dict]:
-        """Evaluate every guidance scale (and the real floor); log and save the results."""
-        if not callable(getattr(pl_module, "generate", None)):
-            self.note("nogen", f"{type(pl_module).__name__} does not generate: no metrics")
+        """Evaluate every guidance scale, the reconstructions and the real floor; log and save."""
+        if not (generates(pl_module) or reconstructs(pl_module)):
+            self.note(
+                "nogen",
+                f"{type(pl_module).__name__} neither generates nor reconstructs: no metrics",
+            )
             return []
         was_training = pl_module.training
         pl_module.eval()
@@ -220,16 +243,22 @@ class GenerativeMetrics(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[dict]:
         tools = self.prepare(trainer, pl_module)
         datamodule = trainer.datamodule
-        conditions = self.conditions(pl_module, datamodule)
         reference, ref_info = self.reference(trainer, datamodule, tools)
         results = []
-        for scale in self.guidance_scales:
-            start = time.monotonic()
-            source = functools.partial(self.generate, pl_module, conditions, scale=scale)
-            values = self.measure(trainer, tools, reference, conditions, source)
-            protocol = self.protocol(pl_module, tools, ref_info, scale, values.pop("num_samples"))
-            protocol["seconds"] = round(time.monotonic() - start, 2)
-            results.append({"name": "generated", "protocol": protocol, "metrics": values})
+        if generates(pl_module):
+            conditions = self.conditions(pl_module, datamodule)
+            for scale in self.guidance_scales:
+                start = time.monotonic()
+                source = functools.partial(self.generate, pl_module, conditions, scale=scale)
+                values = self.measure(trainer, tools, reference, conditions, source)
+                n = values.pop("num_samples")
+                protocol = self.protocol(pl_module, tools, ref_info, scale, n)
+                protocol["seconds"] = round(time.monotonic() - start, 2)
+                results.append({"name": "generated", "protocol": protocol, "metrics": values})
+        if reconstructs(pl_module):
+            results.append(
+                self.evaluate_reconstructed(trainer, pl_module, tools, reference, ref_info)
+            )
         if self.real_split is not None:
             results.append(self.evaluate_real(trainer, datamodule, tools, reference, ref_info))
         return results
@@ -238,8 +267,7 @@ class GenerativeMetrics(L.Callback):
         """The floor: real images of ``real_split`` measured as if they were generated."""
         dataset = split_dataset(datamodule, self.real_split)
         n = min(self.num_samples, len(dataset))
-        captions = [dataset[i].get("caption") for i in range(n)]
-        conditions = {"prompts": captions} if all(isinstance(c, str) for c in captions) else {}
+        conditions = own_captions(dataset, n)
 
         def source(items: range) -> torch.Tensor:
             return torch.stack([dataset[i]["image"] for i in items])
@@ -247,18 +275,65 @@ class GenerativeMetrics(L.Callback):
         start = time.monotonic()
         values = self.measure(trainer, tools, reference, conditions, source, n=n)
         protocol = {
-            **self.base_protocol(tools, ref_info),
+            **self.base_protocol(tools, ref_info, n),
             "num_samples": values.pop("num_samples"),
             "source": f"real images, {self.real_split} split",
         }
         protocol["seconds"] = round(time.monotonic() - start, 2)
         return {"name": f"real_{self.real_split}", "protocol": protocol, "metrics": values}
 
-    def measure(self, trainer, tools, reference, conditions, source, n: int | None = None) -> dict:
-        """Draw this rank's chunks from ``source(items)``, update the synced metrics, compute."""
+    def evaluate_reconstructed(self, trainer, pl_module, tools, reference, ref_info) -> dict:
+        """rFID & co.: ``reconstruct`` of items 0..n-1 of ``reference_split``, the reference's
+        own items, measured as if generated, plus PSNR / SSIM against the originals."""
+        dataset = split_dataset(trainer.datamodule, self.reference_split)
+        n = min(self.num_samples, len(dataset))
+        conditions = own_captions(dataset, n)
+
+        @functools.lru_cache(maxsize=1)  # a chunk's originals, read once for both uses
+        def originals(items: range) -> torch.Tensor:
+            return torch.stack([dataset[i]["image"] for i in items])  # (B, C, H, W)
+
+        def source(items: range) -> torch.Tensor:
+            with torch.no_grad():
+                return pl_module.reconstruct(originals(items).to(pl_module.device))
+
+        start = time.monotonic()
+        values = self.measure(
+            trainer, tools, reference, conditions, source, n=n, originals=originals, skip={"is"}
+        )
+        protocol = {
+            **self.base_protocol(tools, ref_info, n),
+            "num_samples": values.pop("num_samples"),
+            "source": f"reconstructions of {self.reference_split} items 0..{n - 1}",
+            "weights": "EMA" if getattr(pl_module, "uses_ema", False) else "raw",
+        }
+        del protocol["is_splits"]  # no Inception Score of reconstructions
+        protocol["seconds"] = round(time.monotonic() - start, 2)
+        return {"name": "reconstructed", "protocol": protocol, "metrics": values}
+
+    def measure(
+        self,
+        trainer,
+        tools,
+        reference,
+        conditions,
+        source,
+        n: int | None = None,
+        *,
+        originals=None,
+        skip: Collection[str] = (),
+    ) -> dict:
+        """Draw this rank's chunks from ``source(items)``, update the synced metrics, compute.
+
+        With ``originals(items)`` the images drawn are reconstructions of those: PSNR and SSIM
+        against them are measured too. ``skip`` names metrics left out (``is`` for those).
+        """
         n = self.num_samples if n is None else n
         device = trainer.strategy.root_device
-        metrics = self.new_metrics(tools, reference, conditions).to(device)
+        metrics = self.new_metrics(tools, reference, conditions, n, skip)
+        if originals is not None:
+            metrics["reconstruction"] = ReconstructionMetrics()
+        metrics = metrics.to(device)
         count = SumMetric().to(device)
         if math.ceil(n / self.batch_size) < trainer.world_size:  # a rank without items would
             raise ValueError(  # hang the metric sync (empty cat states cannot be gathered)
@@ -268,8 +343,12 @@ class GenerativeMetrics(L.Callback):
             )
         for items in chunks_of(trainer.global_rank, trainer.world_size, n, self.batch_size):
             images = source(items)
-            check_images(images, name="generated images")
+            check_images(
+                images, name="generated images" if originals is None else "reconstructions"
+            )
             self.update(metrics, tools, images, items, conditions, device)
+            if originals is not None:
+                metrics["reconstruction"].update(images.to(device), originals(items).to(device))
             count.update(torch.tensor(float(len(items)), device=device))
         total = int(count.compute().item())
         if total != n:
@@ -318,7 +397,7 @@ class GenerativeMetrics(L.Callback):
             kind = None
         wanted_oracle = kind == "shapes_oracle" or (
             "caption" in self.metrics
-            and getattr(pl_module, "condition", None) == "text"
+            and (getattr(pl_module, "condition", None) == "text" or reconstructs(pl_module))
             and self.evaluators["shapes_oracle"][0] is not None
             and on_shapes
         )
@@ -403,28 +482,30 @@ class GenerativeMetrics(L.Callback):
             return pl_module.generate(labels=labels, generator=generator, **options)
         return pl_module.generate(n=len(items), generator=generator, **options)
 
-    def new_metrics(self, tools, reference, conditions) -> torch.nn.ModuleDict:
-        """Fresh synced metrics for one evaluation; those that cannot apply are skipped."""
-        s, metrics = self.settings, {}
+    def new_metrics(
+        self, tools, reference, conditions, n: int, skip: Collection[str] = ()
+    ) -> torch.nn.ModuleDict:
+        """Fresh synced metrics for ``n`` images; those that cannot apply are skipped."""
+        s, metrics, wanted = self.settings, {}, self.metrics - set(skip)
         if reference is not None:
-            if "fid" in self.metrics:
+            if "fid" in wanted:
                 metrics["fid"] = FID(reference=reference)
-            if "kid" in self.metrics:
-                size = min(s["kid_subset_size"], len(reference), self.num_samples)
+            if "kid" in wanted:
+                size = min(s["kid_subset_size"], len(reference), n)
                 metrics["kid"] = KID(
                     reference=reference, subsets=s["kid_subsets"], subset_size=size
                 )
-            if "pr" in self.metrics:
+            if "pr" in wanted:
                 metrics["pr"] = PrecisionRecall(reference=reference, k=s["pr_k"])
-        if "is" in self.metrics and callable(getattr(tools.get("extractor"), "class_probs", None)):
-            metrics["is"] = InceptionScore(splits=min(s["is_splits"], self.num_samples // 2))
+        if "is" in wanted and callable(getattr(tools.get("extractor"), "class_probs", None)):
+            metrics["is"] = InceptionScore(splits=min(s["is_splits"], n // 2))
         prompts = conditions.get("prompts")
-        if "caption" in self.metrics and "oracle" in tools and prompts:
+        if "caption" in wanted and "oracle" in tools and prompts:
             if parsable(prompts):
                 metrics["caption"] = CaptionAccuracy()
             else:
                 self.note("caption", "prompts are not shapes captions: no caption accuracy")
-        if "clip" in self.metrics and "clip" in tools and prompts:
+        if "clip" in wanted and "clip" in tools and prompts:
             metrics["clip"] = CLIPScore()
         return torch.nn.ModuleDict(metrics)
 
@@ -452,16 +533,20 @@ class GenerativeMetrics(L.Callback):
 
     # ------------------------------------------------------------------------------------------
     # protocol, logging, files
-    def base_protocol(self, tools: dict[str, Any], ref_info: dict[str, Any]) -> dict[str, Any]:
+    def base_protocol(
+        self, tools: dict[str, Any], ref_info: dict[str, Any], n: int | None = None
+    ) -> dict[str, Any]:
+        """Extractor, evaluator versions, reference and metric settings in effect for n images."""
+        n = self.num_samples if n is None else n
         extractor = tools.get("extractor")
         described = (
             extractor.describe() if extractor else {"extractor": None, "extractor_version": None}
         )
         protocol = {**described, **self.settings}  # with the values in effect:
-        protocol["is_splits"] = min(self.settings["is_splits"], self.num_samples // 2)
+        protocol["is_splits"] = min(self.settings["is_splits"], n // 2)
         if ref_info:
             protocol["kid_subset_size"] = min(
-                self.settings["kid_subset_size"], ref_info["num_images"], self.num_samples
+                self.settings["kid_subset_size"], ref_info["num_images"], n
             )
             protocol["reference"] = {
                 "split": ref_info["split"],
@@ -474,6 +559,8 @@ class GenerativeMetrics(L.Callback):
         return protocol
 
     def protocol(self, pl_module, tools, ref_info, scale, num_samples: int) -> dict[str, Any]:
+        """The protocol of generated images: sampler, steps and guidance scale where the model
+        has them (a VAE draws from its prior in one pass: none), seed and weights."""
         resolve = getattr(pl_module, "resolve_sampler", None)
         sampler = (
             resolve(self.sampling["sampler"], self.sampling["steps"])
@@ -481,32 +568,45 @@ class GenerativeMetrics(L.Callback):
             else self.sampling["sampler"]
         )
         model_scale = getattr(pl_module, "guidance_scale", None)
-        return {
-            **self.base_protocol(tools, ref_info),
-            "num_samples": num_samples,
+        sampling = {
             "sampler": str(sampler) if sampler is not None else None,
             "steps": getattr(sampler, "steps", self.sampling["steps"]),
             "guidance_scale": model_scale if scale is None else scale,
+        }
+        if all(value is None for value in sampling.values()):
+            sampling = {}
+        return {
+            **self.base_protocol(tools, ref_info),
+            "num_samples": num_samples,
+            **sampling,
             "seed": self.seed,
             "weights": "EMA" if getattr(pl_module, "uses_ema", False) else "raw",
         }
 
     def log_result(self, pl_module: L.LightningModule, stage: str, result: dict) -> None:
-        """Log each number as ``<stage>/[<name>/]<metric>`` (same value on every rank)."""
+        """Log each number as ``<stage>/[<name>/]<metric>`` (same value on every rank).
+
+        ``<name>`` is ``w<scale>`` in a guidance sweep, ``recon`` for reconstructions, the result's
+        name for the real floor. Non-finite values (the +inf PSNR of a perfect reconstruction)
+        stay out of the loggers and are in the JSON file.
+        """
         prefix = stage
         if result["name"] != "generated":
-            prefix = f"{stage}/{result['name']}"
+            prefix = f"{stage}/{LOG_NAMES.get(result['name'], result['name'])}"
         elif len(self.guidance_scales) > 1:
             prefix = f"{stage}/w{result['protocol']['guidance_scale']:g}"
         for name, value in result["metrics"].items():
             if math.isfinite(value):
                 pl_module.log(f"{prefix}/{name}", value, sync_dist=False)
         p = result["protocol"]
+        how = p.get("source") or f"sampler {p.get('sampler')}, w={p.get('guidance_scale')}"
+        if "source" not in p and "sampler" not in p:
+            how = "sampled in one pass"
         log.info(
             f"{prefix}: "
             + ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
-            + f" [{p['extractor']} {p['extractor_version']}, n={p['num_samples']}, "
-            f"sampler {p.get('sampler')}, w={p.get('guidance_scale')}, {p['seconds']} s]"
+            + f" [{p['extractor']} {p['extractor_version']}, n={p['num_samples']}, {how}, "
+            f"{p['seconds']} s]"
         )
 
     def save(self, trainer: L.Trainer, stage: str, results: list[dict]) -> None:
@@ -523,6 +623,51 @@ class GenerativeMetrics(L.Callback):
             log.info(message)
             self.warned.add(key)
 
+    def check_sampling(self, pl_module: L.LightningModule) -> None:
+        """Refuse sampling options that a model would ignore: a first stage that does not
+        generate (VQ-GAN, dVAE) takes none; one that does takes those its ``generate`` names, or
+        those it has a setting of (``sampler``, ``guidance_scale``) when it passes ``**kwargs``
+        on. The VAE, which decodes prior samples in one pass, takes none."""
+        settings = {"sampler": "sampler", "steps": "sampler", "guidance_scale": "guidance_scale"}
+        asked = [(key, value, key) for key, value in self.sampling.items() if value is not None]
+        if len(self.guidance_scales) > 1:
+            asked.append(("guidance_scales", self.guidance_scales, "guidance_scale"))
+        elif self.guidance_scales[0] is not None:
+            asked.append(("guidance_scale", self.guidance_scales[0], "guidance_scale"))
+        name = type(pl_module).__name__
+        if asked and not generates(pl_module):
+            key, value, _ = asked[0]
+            raise ValueError(
+                f"callbacks.generative_metrics.{key}={value!r}: {name} does not generate (a first"
+                " stage, measured by its reconstructions), so it takes no sampling options; leave"
+                f" {key} null"
+            )
+        parameters = inspect.signature(pl_module.generate).parameters if asked else {}
+        forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        for key, value, parameter in asked:
+            has_setting = hasattr(pl_module, settings[parameter])
+            if parameter not in parameters and not (forwards and has_setting):
+                raise ValueError(
+                    f"callbacks.generative_metrics.{key}={value!r}: {name} has no {parameter} "
+                    f"(its generate does not take one); leave {key} null"
+                )
+
+
+def generates(pl_module: L.LightningModule) -> bool:
+    """Whether the module draws images with ``generate`` (the model contract)."""
+    return callable(getattr(pl_module, "generate", None))
+
+
+def reconstructs(pl_module: L.LightningModule) -> bool:
+    """Whether the module is an autoencoder with ``reconstruct(images) -> images``."""
+    return callable(getattr(pl_module, "reconstruct", None))
+
+
+def own_captions(dataset: Any, n: int) -> dict[str, list[str]]:
+    """The captions of items 0..n-1 as prompts, if every one has a caption (else nothing)."""
+    captions = [dataset[i].get("caption") for i in range(n)]
+    return {"prompts": captions} if all(isinstance(c, str) for c in captions) else {}
+
 
 def parsable(prompts: list[str]) -> bool:
     """Whether every prompt is a shapes caption the oracle's labels can be read from."""
@@ -537,7 +682,7 @@ def parsable(prompts: list[str]) -> bool:
 def named_values(name: str, value: Any) -> dict[str, float]:
     """Flatten a metric's ``compute()`` into named floats: ``fid``, ``kid``/``kid_std``, ..."""
     if isinstance(value, dict):
-        prefix = {"caption": "caption_", "clip": ""}.get(name, f"{name}_")
+        prefix = {"caption": "caption_", "clip": "", "reconstruction": ""}.get(name, f"{name}_")
         return {f"{prefix}{k}": float(v) for k, v in value.items()}
     if isinstance(value, tuple | list):
         names = {"kid": ("kid", "kid_std"), "is": ("is", "is_std"), "pr": ("precision", "recall")}[

@@ -1,7 +1,9 @@
-"""Draw a grid of samples for a fixed set of prompts during training and at its end."""
+"""Draw a grid of samples for a fixed set of prompts, and for an autoencoder a grid of fixed
+validation images above their reconstructions, during training and at its end."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from genlab.diffusion.samplers import Sampler
+from genlab.metrics.reference import split_dataset
 from genlab.utils.images import grid_to_pil, save_image_grid
 from genlab.utils.rank_logging import RankedLogger
 
@@ -28,9 +31,18 @@ class SampleGrid(L.Callback):
     weights), prompts (or class names) in grid order, row-major, to ``samples/prompts.txt``, and
     the grid to every logger that takes images (TensorBoard ``add_image``, W&B ``log_image``).
 
-    Only global rank zero generates, saves and logs. That is safe because ``generate`` calls the
-    LightningModule directly, not the DDP wrapper, so it runs no collective operation; the other
-    ranks go on to the next step and wait for rank zero in the gradient all-reduce.
+    A model with ``reconstruct(images)`` (the first stages: VAE, VQ-GAN, dVAE) also gets, on the
+    same schedule, a grid of the first ``num_samples`` validation images and their
+    reconstructions: rows of originals alternate with the rows of their reconstructions, so each
+    image sits right above its reconstruction. It goes to ``samples/recon_step_{step:06d}.png``
+    and ``samples/recon_final.png``, and to the loggers as ``reconstructions`` (and
+    ``reconstructions/final``). A model that reconstructs but does not generate (VQ-GAN, dVAE)
+    gets only this grid; the VAE gets both.
+
+    Only global rank zero generates, saves and logs. That is safe because ``generate`` and
+    ``reconstruct`` call the LightningModule directly, not the DDP wrapper, so they run no
+    collective operation; the other ranks go on to the next step and wait for rank zero in the
+    gradient all-reduce.
 
     Args:
         output_dir: the run folder; default ``trainer.default_root_dir``.
@@ -40,7 +52,8 @@ class SampleGrid(L.Callback):
         seed: seed of the generator every grid starts from.
         sampler: a ``Sampler`` for the grids; None: the model's own (``model.sampler``).
         guidance_scale: classifier-free guidance scale; None: the model's own.
-        nrow: images per row of the grid; default a near-square grid.
+        nrow: images per row of the grid; default a near-square grid (of the originals, for
+            the reconstruction grid).
     """
 
     def __init__(
@@ -66,6 +79,8 @@ class SampleGrid(L.Callback):
         self.sampling = {"sampler": sampler, "guidance_scale": guidance_scale}
         self.warned_no_generate = False
         self.last_grid: tuple[int, torch.Tensor] | None = None
+        self.last_recon_grid: tuple[int, torch.Tensor] | None = None
+        self.recon_originals: torch.Tensor | None = None
         self.inputs: dict[str, Any] | None = None
         self.grid_text: list[str] | None = None
 
@@ -74,15 +89,21 @@ class SampleGrid(L.Callback):
         due = self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         if fitting and due and trainer.is_global_zero:
             self.draw(trainer, pl_module, f"step_{trainer.global_step:06d}", key="samples")
+            self.draw_reconstructions(
+                trainer, pl_module, f"recon_step_{trainer.global_step:06d}", key="reconstructions"
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.draw(trainer, pl_module, "final", key="samples/final")
+            self.draw_reconstructions(
+                trainer, pl_module, "recon_final", key="reconstructions/final"
+            )
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, key: str) -> None:
         """Generate (or reuse this step's) grid, save it as ``samples/<name>.png`` and log it."""
-        if not hasattr(pl_module, "generate"):
-            if not self.warned_no_generate:
+        if not callable(getattr(pl_module, "generate", None)):
+            if not self.warned_no_generate and not reconstructs(pl_module):
                 log.info(f"{type(pl_module).__name__} does not generate: no sample grids")
                 self.warned_no_generate = True
             return
@@ -149,6 +170,80 @@ class SampleGrid(L.Callback):
                 return pl_module.generate(generator=generator, **inputs, **options)
         finally:
             pl_module.train(was_training)
+
+    def draw_reconstructions(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, key: str
+    ) -> None:
+        """Reconstruct the fixed validation images (or reuse this step's grid), save the grid of
+        originals above reconstructions as ``samples/<name>.png`` and log it."""
+        if not reconstructs(pl_module):
+            return
+        originals = self.reconstruction_inputs(trainer)
+        if originals is None or not len(originals):
+            return
+        samples_dir = Path(self.output_dir or trainer.default_root_dir, "samples")
+        step = trainer.global_step
+        columns = self.nrow or math.ceil(math.sqrt(len(originals)))
+        if self.last_recon_grid is not None and self.last_recon_grid[0] == step:
+            grid = self.last_recon_grid[1]  # the final weights were already drawn at this step
+            grid_to_pil(grid).save(samples_dir / f"{name}.png")
+        else:
+            images = interleave_rows(
+                originals, self.reconstruct(trainer, pl_module, originals), columns
+            )
+            grid = save_image_grid(images, samples_dir / f"{name}.png", nrow=columns)
+            self.last_recon_grid = (step, grid)
+        weights = "EMA" if getattr(pl_module, "uses_ema", False) else "raw (no EMA)"
+        caption = (
+            f"step {step}, {weights} weights: val items 0..{len(originals) - 1} (rows 1, 3, ...) "
+            "above their reconstructions (rows 2, 4, ...)"
+        )
+        log.info(f"reconstruction grid {samples_dir / name}.png: {caption}")
+        log_grid(trainer, key, grid, step, caption)
+
+    def reconstruction_inputs(self, trainer: L.Trainer) -> torch.Tensor | None:
+        """The first ``num_samples`` images of the validation split, read once for the run
+        (None, said once, without a datamodule)."""
+        if self.recon_originals is None:
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is None:
+                log.info("no datamodule to take validation images from: no reconstruction grid")
+                self.recon_originals = torch.empty(0)
+                return None
+            dataset = split_dataset(datamodule, "val")
+            count = min(self.num_samples, len(dataset))
+            self.recon_originals = torch.stack([dataset[i]["image"] for i in range(count)])
+        return self.recon_originals
+
+    def reconstruct(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, images: torch.Tensor
+    ) -> torch.Tensor:
+        """Reconstruct ``images`` in eval mode, at the trainer's precision, without gradients."""
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                return pl_module.reconstruct(images.to(pl_module.device)).float().cpu()
+        finally:
+            pl_module.train(was_training)
+
+
+def reconstructs(pl_module: L.LightningModule) -> bool:
+    """Whether the module is an autoencoder with ``reconstruct(images) -> images``."""
+    return callable(getattr(pl_module, "reconstruct", None))
+
+
+def interleave_rows(originals: torch.Tensor, reconstructions: torch.Tensor, columns: int):
+    """Images ``(N, C, H, W)`` in the order of a grid of ``columns`` per row whose rows of
+    originals alternate with the rows of their reconstructions; a short last row is filled
+    with white images, so each reconstruction sits right below its original."""
+    blank = torch.ones_like(originals[:1])  # white, like the grid's padding
+    rows = []
+    for start in range(0, len(originals), columns):
+        for images in (originals, reconstructions):
+            row = images[start : start + columns]
+            rows.append(torch.cat([row, blank.expand(columns - len(row), -1, -1, -1)]))
+    return torch.cat(rows)  # (2 * columns * ceil(N / columns), C, H, W)
 
 
 def log_grid(trainer: L.Trainer, key: str, grid: torch.Tensor, step: int, caption: str) -> None:
