@@ -3,6 +3,7 @@ interfaces, the adversarial loop of manual optimization, the schedules, and chec
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import genlab
-from conftest import CONF, quiet_trainer
+from conftest import CONF, ORACLE_OVERRIDES, check_ok, quiet_trainer, run_entry
 from genlab.data.shapes import ShapesDataModule
 from genlab.nn.adversarial import adaptive_weight, discriminator_loss, generator_loss
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
@@ -323,3 +324,113 @@ def test_collapse_warning(caplog) -> None:
     with caplog.at_level("WARNING"):
         module.warn_collapse(0.01, 1.2)
     assert "codebook collapse" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipes through the real entry point
+
+RECIPE_TINY = [
+    "trainer.max_steps=4",
+    "trainer.log_every_n_steps=1",
+    "data.resolution=16",
+    "data.batch_size=8",
+    "data.train_size=32",
+    "data.val_size=16",
+    "data.test_size=16",
+    "model.encoder.channels=[16,32,32]",
+    "model.encoder.groups=8",
+    "callbacks.sample_grid.num_samples=4",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+    "callbacks.generative_metrics.num_samples=8",
+    "callbacks.generative_metrics.batch_size=4",
+    *ORACLE_OVERRIDES,
+]
+RECIPES = {
+    # the adversary from step 2 and the offline LPIPS: every loss of the method runs
+    "vqgan_shapes": [
+        "model.disc_start=2",
+        "model.perceptual_weight=1.0",
+        "model.perceptual.weights=offline",
+        "model.discriminator.channels=8",
+        "model.quantizer.num_codes=64",
+    ],
+    "vqvae_shapes": ["model.quantizer.num_codes=64"],
+    "vae_shapes": ["model.disc_start=2", "model.discriminator.channels=8"],
+    "dvae_shapes": ["model.quantizer.num_codes=64"],
+}
+
+
+@pytest.mark.parametrize("experiment", list(RECIPES))
+def test_recipe_trains_and_evaluates_through_train_py(experiment: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_entry(
+        "train.py",
+        f"experiment={experiment}",
+        *RECIPE_TINY,
+        *RECIPES[experiment],
+        f"hydra.run.dir={run_dir}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    assert "the trainer does not clip" in result.stdout + result.stderr
+    (report,) = (run_dir / "metrics").glob("test_step*.json")
+    results = {r["name"]: r for r in json.loads(report.read_text())}
+    recon = results["reconstructed"]["metrics"]
+    assert {"fid", "psnr", "ssim", "caption_exact"} <= set(recon)
+    assert ("generated" in results) == experiment.startswith("vae")
+    assert (run_dir / "samples" / "recon_final.png").is_file()
+    (ckpt,) = (run_dir / "checkpoints").glob("epoch_*.ckpt")
+    model = genlab.load(ckpt)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert model.reconstruct(images).shape == images.shape
+
+
+def test_vqgan_trains_under_ddp(tmp_path: Path) -> None:
+    """Two gloo processes: the generator and discriminator steps each leave the other's
+    parameters without gradients, which train.py's find_unused_parameters makes legal."""
+    run_dir = tmp_path / "run"
+    result = run_entry(
+        "train.py",
+        "experiment=vqgan_shapes",
+        "trainer=ddp_cpu",
+        *RECIPE_TINY,
+        *RECIPES["vqgan_shapes"],
+        "model.perceptual_weight=0",
+        "callbacks.generative_metrics=null",
+        f"hydra.run.dir={run_dir}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    (ckpt,) = (run_dir / "checkpoints").glob("epoch_*.ckpt")
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 4
+
+
+def test_perceptual_network_is_kept_out_of_checkpoints_and_ddp_sync() -> None:
+    on = instantiate(
+        tiny_config(
+            "vqgan",
+            "+model.perceptual={_target_: genlab.nn.lpips.LPIPS, weights: offline}",
+            "model.perceptual_weight=1.0",
+        )
+    )
+    assert on.perceptual is not None and on.perceptual.kind == "offline"
+    assert not any(k.startswith("perceptual.") for k in on.state_dict())
+    ignored = set(on._ddp_params_and_buffers_to_ignore)
+    assert ignored == {f"perceptual.{n}" for n, _ in on.perceptual.named_buffers()} and ignored
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    losses = on.reconstruction_loss(x.flip(0), x)
+    assert losses["perceptual"] > 0 and torch.allclose(
+        losses["rec"], losses["pixel"] + losses["perceptual"]
+    )
+    off = instantiate(tiny_config("vqgan", "model.perceptual_weight=0"))
+    assert off.perceptual is None  # weight 0: never computed, not kept
+
+
+def test_evaluation_loss_uses_the_final_schedule_values() -> None:
+    module = instantiate(tiny_config("dvae", "model.kl_weight.end=0.5")).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = module.forward_eval(x)  # no trainer: step 0, where the ramp is still at 0
+    assert module.kl_weight(0) == 0.0 and module.kl_weight.final == 0.5
+    assert torch.allclose(out.regularization, 0.5 * out.logs["kl"] * 16 / (3 * 16 * 16))
+    assert "temperature" not in out.logs and "kl_weight" not in out.logs

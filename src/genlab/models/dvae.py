@@ -99,16 +99,15 @@ class DVAE(FirstStage):
     # ------------------------------------------------------------------------------------------
     # training
     def forward_train(self, images: torch.Tensor) -> AutoencoderOutput:
+        """Training: τ and the KL weight of this step. Evaluation (hard codes, no noise): the
+        final KL weight, so that ``val/loss`` means the same at every step."""
         step = self.global_step
         tau = self.temperature(step)
         q = self.quantizer(self.logits(images), tau, generator=self.noise_generator)
-        weight = self.kl_weight(step)
+        weight = self.kl_weight(step) if self.training else self.kl_weight.final
         h, w = q.indices.shape[-2:]
         regularization = weight * q.loss * (h * w) / images[0].numel()
-        logs = {
-            "kl": q.loss,
-            "kl_weight": torch.tensor(weight),
-            "temperature": torch.tensor(tau),
-            "batch_perplexity": q.perplexity,
-        }
+        logs = {"kl": q.loss, "batch_perplexity": q.perplexity}
+        if self.training:
+            logs |= {"kl_weight": torch.tensor(weight), "temperature": torch.tensor(tau)}
         return AutoencoderOutput(self.decoder(q.z_q), regularization, logs, q.indices)

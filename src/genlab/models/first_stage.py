@@ -151,6 +151,8 @@ class FirstStage(L.LightningModule):
                 f"layers={discriminator.layers}: it needs at least {min_size} px; lower layers"
             )
         self.automatic_optimization = False
+        if perceptual_weight == 0:
+            perceptual = None  # not computed: keep its 59 MB of VGG buffers out of the model
         self.decoder = decoder
         self.discriminator = discriminator
         self.perceptual = perceptual

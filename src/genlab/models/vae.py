@@ -116,7 +116,10 @@ class VAE(FirstStage):
         else:
             z = posterior.mode()
         kl = posterior.kl().mean()  # nats per image
-        weight = self.kl_weight(self.global_step)
+        # evaluation uses the final weight, so that val/loss means the same at every step
+        weight = self.kl_weight(self.global_step) if self.training else self.kl_weight.final
         regularization = weight * kl / images[0].numel()
-        logs = {"kl": kl, "kl_weight": torch.tensor(weight)}
+        logs = {"kl": kl}
+        if self.training:
+            logs["kl_weight"] = torch.tensor(weight)
         return AutoencoderOutput(self.decode(z), regularization, logs)

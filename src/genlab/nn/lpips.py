@@ -42,10 +42,10 @@ Weights, never downloaded (``weights=``):
 
 The weights are non-persistent buffers: they follow ``.to(device / dtype)`` but are not in
 ``state_dict()``, so checkpoints stay small and load where the VGG file is absent. The module
-has no parameters (nothing for an optimizer or weight decay); gradients reach the inputs. Note
-that DDP broadcasts every buffer (59 MB here) from rank 0 before each forward unless buffer
-broadcasting is off (``DDPStrategy(broadcast_buffers=False)``); the weights are the same on
-every rank anyway.
+has no parameters (nothing for an optimizer or weight decay); gradients reach the inputs. DDP
+broadcasts every buffer (59 MB here) from rank 0 before each forward unless told to ignore it:
+the first stages list these buffers in ``_ddp_params_and_buffers_to_ignore``
+(``models/first_stage.py``); the weights are the same on every rank anyway.
 """
 
 from __future__ import annotations

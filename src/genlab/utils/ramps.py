@@ -39,6 +39,11 @@ class Ramp:
                 f"an exponential ramp needs start and end > 0 (got {self.start}, {self.end})"
             )
 
+    @property
+    def final(self) -> float:
+        """The value once the ramp is over."""
+        return self.start if self.kind == "constant" or self.end is None else self.end
+
     def __call__(self, step: int) -> float:
         end = self.start if self.end is None else self.end
         if self.kind == "constant" or step < self.begin:
