@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT
 from genlab.diffusion.samplers import Sampler
+from genlab.utils.checkpoint import MODEL_CONFIG_KEY
 from genlab.utils.instantiate import instantiate
 from genlab.utils.validation import validate_config
 
@@ -24,7 +26,12 @@ import train as train_entry  # noqa: E402
 GROUPS = ["data", "model", "trainer", "callbacks", "logger", "experiment", "debug", "paths"]
 GROUPS += ["extras", "hydra", "hparams_search"]
 # values that a config leaves mandatory (???) and a user must give
-MANDATORY = {("data", "image_folder"): ["data.root=images"]}
+MANDATORY = {
+    ("data", "image_folder"): ["data.root=images"],
+    ("model", "ldm"): ["model.first_stage_ckpt=vae.ckpt"],
+    ("experiment", "ldm_shapes"): ["model.first_stage_ckpt=vae.ckpt"],
+    ("experiment", "ldm_coco"): ["model.first_stage_ckpt=vae.ckpt"],
+}
 
 
 def options(group: str) -> list[str]:
@@ -105,12 +112,27 @@ FIRST_STAGES = {"vqgan", "vqvae", "dvae"}  # reconstruct; the VAEs also generate
 
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_config_instantiates(model: str, tmp_path: Path) -> None:
-    cfg = compose_cfg("train.yaml", [f"model={model}"], tmp_path)
+    overrides = [f"model={model}"]
+    if (
+        model == "ldm"
+    ):  # an untrained first stage of the default data's size, saved as train.py would
+        overrides.append(f"model.first_stage_ckpt={untrained_checkpoint('vae', tmp_path)}")
+    cfg = compose_cfg("train.yaml", overrides, tmp_path)
     module = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
     assert sum(p.numel() for p in module.parameters()) > 0
     assert hasattr(module, "generate") or model in NOT_GENERATIVE | FIRST_STAGES
     if model in FIRST_STAGES:
         assert callable(module.reconstruct)
+
+
+def untrained_checkpoint(model: str, tmp_path: Path) -> Path:
+    """A self-describing checkpoint of ``model=<model>``'s untrained weights."""
+    config = OmegaConf.to_container(
+        compose_cfg("train.yaml", [f"model={model}"], tmp_path).model, resolve=True
+    )
+    path = tmp_path / f"{model}.ckpt"
+    torch.save({MODEL_CONFIG_KEY: config, "state_dict": instantiate(config).state_dict()}, path)
+    return path
 
 
 @pytest.mark.parametrize("sampler", options("sampler"))

