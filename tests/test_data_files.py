@@ -331,3 +331,21 @@ def test_coco_bad_files_strict_and_skip(data_coco):
 def test_bad_arguments_name_the_argument(cls, kwargs, name):
     with pytest.raises(ValueError, match=f"{name}="):
         cls(**kwargs)
+
+
+def test_unflipped_train_split_serves_every_image_as_stored(data_folder):
+    """What a latent cache is built from: the train split without its random flips, the same
+    image at every read (the center crop of the file), the split's files and flags shared."""
+    flipping = folder_module(data_folder, random_flip=True)
+    flipping.setup("fit")
+    unflipped = flipping.unflipped_train_split()
+    plain = folder_module(data_folder)
+    plain.setup("fit")
+    torch.manual_seed(0)
+    reads = [[flipping.data_train[i]["image"] for _ in range(8)] for i in range(4)]
+    assert any(not torch.equal(r[0], x) for r in reads for x in r)  # the split does flip
+    assert unflipped.paths == plain.data_train.paths
+    for i in range(len(unflipped)):
+        assert torch.equal(unflipped[i]["image"], plain.data_train[i]["image"])
+    assert unflipped.bad is flipping.data_train.bad  # bad-file flags are shared
+    assert plain.unflipped_train_split() is plain.data_train

@@ -3,9 +3,12 @@ stage, the scale factor, checkpoints that refer to their first stage, and the te
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -14,8 +17,10 @@ from omegaconf import OmegaConf
 
 import genlab
 from conftest import CONF, check_ok, quiet_trainer, run_entry
-from genlab.data.shapes import ShapesDataModule
-from genlab.models.ldm import FIRST_STAGE_KEY, LDM
+from genlab.data.common import LabelledArraysDataModule, labelled_splits
+from genlab.data.shapes import ShapesDataModule, ShapesDataset
+from genlab.models import ldm as ldm_module
+from genlab.models.ldm import FIRST_STAGE_KEY, LDM, cache_source
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 
@@ -112,6 +117,7 @@ def test_ldm_trains_through_train_py(first_stages, encoder: str, tmp_path: Path)
         "experiment=ldm_shapes",  # the recipe, shrunk
         f"model/text_encoder={encoder}",
         f"model.first_stage_ckpt={first_stages['vae']}",
+        f"model.cache_dir={tmp_path / 'cache'}",  # the recipe caches latents
         "trainer.max_steps=4",
         *LDM_TINY,
         *text,
@@ -124,6 +130,7 @@ def test_ldm_trains_through_train_py(first_stages, encoder: str, tmp_path: Path)
     )
     check_ok(result)
     assert "scale_factor = 1 / std" in result.stdout + result.stderr
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     (ckpt,) = (run_dir / "checkpoints").glob("epoch_*.ckpt")
     saved = torch.load(ckpt, weights_only=False)
     assert saved[FIRST_STAGE_KEY]["path"] == str(first_stages["vae"])
@@ -206,3 +213,166 @@ def test_missing_changed_or_wrong_first_stage_is_named(first_stages, tmp_path) -
     Path(copy).unlink()
     with pytest.raises(FileNotFoundError, match="first_stage_ckpt"):
         genlab.load(tmp_path / "ldm.ckpt")
+
+
+# ----------------------------------------------------------------------------------------------
+# latent caching (model.cache_latents)
+
+
+def cached_ldm(first_stage: Path, cache: Path, *overrides: str) -> LDM:
+    return tiny_ldm(first_stage, "model.cache_latents=true", f"model.cache_dir={cache}", *overrides)
+
+
+def fit_briefly(model: LDM, tmp_path: Path, datamodule=None, steps: int = 1) -> L.Trainer:
+    trainer = quiet_trainer(tmp_path, max_steps=steps, limit_val_batches=0)
+    trainer.fit(model, datamodule=datamodule or data())
+    return trainer
+
+
+def test_latent_cache_is_built_once_reused_and_rebuilt_for_a_new_first_stage(
+    first_stages, tmp_path, caplog, monkeypatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="genlab.models.ldm")
+    vae, cache = Path(shutil.copy(first_stages["vae"], tmp_path / "vae.ckpt")), tmp_path / "cache"
+    fit_briefly(cached_ldm(vae, cache), tmp_path, steps=2)
+    (built,) = cache.glob("*.pt")
+    assert "latent cache: built" in caplog.text and not list(cache.glob("*.partial"))
+    stamp = built.stat().st_mtime_ns
+
+    caplog.clear()
+    monkeypatch.setattr(ldm_module, "extract_split", None)  # building again would fail
+    model = cached_ldm(vae, cache)
+    fit_briefly(model, tmp_path, steps=2)
+    assert f"latent cache: reusing {built}" in caplog.text
+    assert "latent cache: built" not in caplog.text
+    assert list(cache.glob("*.pt")) == [built] and built.stat().st_mtime_ns == stamp
+    assert model.latent_cache.shape == (32, 1, 8, SIZE // 4, SIZE // 4)  # (N, O, 2C, h, w)
+    assert model.latent_cache.dtype == torch.float16
+    monkeypatch.undo()
+
+    make_first_stage("vae", vae, steps=1)  # retrained: other weights, same path
+    caplog.clear()
+    fit_briefly(cached_ldm(vae, cache), tmp_path)
+    assert "latent cache: built" in caplog.text and len(list(cache.glob("*.pt"))) == 2
+    assert built.stat().st_mtime_ns == stamp  # the old first stage's cache is left alone
+
+
+@pytest.mark.parametrize("kind", ["vae", "vqgan"])
+def test_training_from_the_cache_gives_the_encoders_x0(first_stages, kind, tmp_path) -> None:
+    model = cached_ldm(first_stages[kind], tmp_path / "cache")
+    fit_briefly(model, tmp_path)
+    model.train()
+    batch = data().split("train")
+    index = torch.tensor([3, 0, 17, 31, 8])
+    images = torch.stack([batch[int(i)]["image"] for i in index])
+    encoded = model.first_stage.encode(images)
+    if kind == "vae":  # the posterior's moments are stored, the sample is drawn at each step
+        rows = model.latent_cache[index, 0].float()
+        assert torch.allclose(rows[:, :4], encoded.mean, rtol=1e-3, atol=1e-3)
+        assert torch.allclose(rows[:, 4:], encoded.logvar, rtol=1e-3, atol=1e-3)
+    model.noise_generator = torch.Generator().manual_seed(5)
+    from_cache = model.training_data({"image": None, "index": index})
+    model.noise_generator = torch.Generator().manual_seed(5)
+    on_the_fly = model.to_diffusion_space(images)  # the same noise: the same z up to fp16
+    assert torch.allclose(from_cache, on_the_fly, rtol=1e-3, atol=2e-3)
+    if kind == "vae":
+        assert not torch.equal(from_cache, model.training_data({"index": index}))  # fresh z
+    else:
+        assert torch.equal(from_cache, model.training_data({"index": index}))
+
+
+class FlippingShapes(LabelledArraysDataModule):
+    """Shapes held in memory and flipped at random in training, as cifar10 is."""
+
+    name = "flipping_shapes"
+
+    def __init__(self, random_flip: bool = True) -> None:
+        super().__init__(batch_size=8, resolution=SIZE)
+        self.random_flip = random_flip
+        source = ShapesDataset("train", size=48, resolution=SIZE)
+        self.images = torch.stack([source[i]["image"] for i in range(48)])
+        self.captions = [source[i]["caption"] for i in range(48)]
+
+    def build_splits(self) -> dict:
+        pixels = ((self.images + 1) * 127.5).round().to(torch.uint8)
+        labels = (torch.arange(48), torch.arange(16))
+        train, test = (pixels, labels[0]), (pixels[:16], labels[1])
+        return labelled_splits(train, test, val_size=16, class_captions=self.captions, flip=True)
+
+
+def test_random_flips_are_drawn_on_both_cached_orientations(first_stages, tmp_path) -> None:
+    datamodule = FlippingShapes()
+    model = cached_ldm(first_stages["vqgan"], tmp_path / "cache")
+    fit_briefly(model, tmp_path, datamodule)
+    unflipped = datamodule.unflipped_train_split()
+    images = torch.stack([unflipped[i]["image"] for i in range(32)])
+    assert torch.allclose(images, datamodule.images[:32], atol=1e-6)  # really unflipped
+    cache = model.latent_cache.float()  # (32, 2, 4, h, w): the images, then their mirror images
+    for o, view in enumerate([images, images.flip(-1)]):
+        assert torch.allclose(cache[:, o], model.first_stage.encode(view), rtol=1e-3, atol=1e-3)
+
+    index = torch.arange(32).repeat(8)
+    drawn = model.cached_latents(index)  # (256, 4, h, w)
+    flipped = (drawn - cache[index, 1]).flatten(1).abs().amax(1) == 0
+    assert torch.equal(drawn[~flipped], cache[index[~flipped], 0])
+    assert 0.35 < flipped.float().mean() < 0.65  # p = 1/2 per item and step
+
+
+def test_random_crops_and_undeclared_augmentation_are_refused(first_stages, tmp_path) -> None:
+    crops = SimpleNamespace(crop="random")
+    with pytest.raises(ValueError, match="data.crop='random'.*data.crop=center"):
+        cache_source(crops)
+    torch.manual_seed(0)
+    undeclared = FlippingShapes(random_flip=False)  # flips, but does not say so
+    model = cached_ldm(first_stages["vqgan"], tmp_path / "cache")
+    with pytest.raises(ValueError, match="two different images"):
+        fit_briefly(model, tmp_path, undeclared)
+    with pytest.raises(ValueError, match="model.cache_dir"):
+        tiny_ldm(first_stages["vqgan"], "model.cache_latents=true", "model.cache_dir=null")
+
+
+def test_ddp_ranks_build_one_cache_in_item_order(first_stages, tmp_path) -> None:
+    """Two gloo processes encode half of the train split each; rank 0 writes one file, which a
+    single-process run of the same recipe finds (the key does not depend on the ranks) and which
+    equals, row by row, the cache that one process builds."""
+    recipe = [
+        "experiment=ldm_shapes",
+        f"model.first_stage_ckpt={first_stages['vqgan']}",
+        "model.cache_latents=true",
+        *LDM_TINY,
+        *BPE_TINY,
+    ]
+    result = run_entry(
+        "train.py",
+        *recipe,
+        f"model.cache_dir={tmp_path / 'ddp'}",
+        "trainer=ddp_cpu",
+        "trainer.max_steps=2",
+        "test=false",
+        "callbacks.sample_grid=null",
+        "callbacks.generative_metrics=null",
+        "callbacks.rich_progress_bar=null",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    (ddp,) = (tmp_path / "ddp").glob("*.pt")
+    stamp = ddp.stat().st_mtime_ns
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=recipe)
+    caches = {}
+    for name in ("ddp", "single"):
+        model = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
+        model.cache_dir = str(tmp_path / name)
+        datamodule = instantiate(OmegaConf.to_container(cfg.data, resolve=True))
+        trainer = quiet_trainer(
+            tmp_path, max_steps=1, limit_val_batches=0, precision=cfg.trainer.precision
+        )
+        trainer.fit(model, datamodule=datamodule)
+        caches[name] = model.latent_cache.float()
+    assert ddp.stat().st_mtime_ns == stamp and len(list((tmp_path / "single").glob("*.pt"))) == 1
+    ddp_rows, rows = caches["ddp"], caches["single"]
+    assert ddp_rows.shape == rows.shape == (32, 1, 4, SIZE // 4, SIZE // 4)
+    assert (ddp_rows - rows).abs().max() < 1e-2 < (rows[1:] - rows[:-1]).abs().mean()

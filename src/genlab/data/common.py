@@ -19,6 +19,7 @@ Unreadable image files follow the ``bad_files`` policy of the DataModule:
 
 from __future__ import annotations
 
+import copy
 import logging
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -113,6 +114,7 @@ class GenDataModule(LightningDataModule):
     channels: int = 3
     num_classes: int | None = None
     class_names: list[str] | None = None
+    random_flip: bool = False  # random horizontal flips of training images (where offered)
 
     def __init__(
         self,
@@ -183,6 +185,12 @@ class GenDataModule(LightningDataModule):
     def sample_prompts(self, n: int) -> list[str] | None:
         """``n`` fixed prompts for sample grids; ``None``: this dataset has no captions."""
         return None
+
+    def unflipped_train_split(self) -> Dataset:
+        """The train split without its random flips (``random_flip``), so that the image of item
+        i depends on i alone: what a cache of encoded images is built from."""
+        dataset = self.split_or_raise(self.data_train, "train", "fit")
+        return without_flips(dataset) if self.random_flip else dataset
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description of which data this module yields (for metric protocols)."""
@@ -459,6 +467,21 @@ class InMemoryImages(Dataset):
         if self.captions is not None:
             item["caption"] = self.captions[index]
         return item
+
+
+def without_flips(dataset: Dataset) -> Dataset:
+    """A shallow copy of an :class:`ImageFiles` or :class:`InMemoryImages` dataset that never
+    flips its images (everything else, the bad-file flags included, is shared)."""
+    unflipped = copy.copy(dataset)
+    if isinstance(dataset, InMemoryImages):
+        unflipped.flip = False
+    elif isinstance(dataset, ImageFiles) and isinstance(dataset.transform, v2.Compose):
+        steps = dataset.transform.transforms
+        kept = [t for t in steps if not isinstance(t, v2.RandomHorizontalFlip)]
+        unflipped.transform = v2.Compose(kept)
+    else:
+        raise NotImplementedError(f"cannot turn off the flips of a {type(dataset).__name__}")
+    return unflipped
 
 
 def labelled_splits(

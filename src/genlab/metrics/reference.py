@@ -120,13 +120,15 @@ def extract_split(
     world_size: int,
     batch_size: int,
     device: torch.device | str,
+    num_workers: int = 0,
 ) -> torch.Tensor:
     """Features of items ``0..n-1``: each rank its shard, gathered in item order."""
     if n < world_size:  # a rank without items would hang the gather (empty cat states)
         raise ValueError(f"{n} reference images cannot be shared by {world_size} ranks")
     bank = FeatureBank().to(device)
     indices = shard(n, rank, world_size)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False)
+    subset = Subset(dataset, indices)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     start = 0
     for batch in loader:
         images = batch["image"]

@@ -279,8 +279,13 @@ class DiffusionModel(L.LightningModule):
         seed = torch.initial_seed() + 1_000_003 * self.global_rank
         self.noise_generator = torch.Generator(self.device).manual_seed(seed % 2**63)
 
+    def training_data(self, batch: dict[str, Any]) -> torch.Tensor:
+        """x0 of a training batch: its images in the diffusion space (LDM may read cached
+        latents instead)."""
+        return self.to_diffusion_space(batch["image"])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        x0 = self.to_diffusion_space(batch["image"])
+        x0 = self.training_data(batch)
         b, gen = x0.shape[0], self.noise_generator
         t = self.schedule.sample_t(b, generator=gen, device=self.device)
         eps = self.training_noise(x0, gen)
