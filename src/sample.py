@@ -11,6 +11,7 @@ documented in ``conf/sample.yaml``.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -30,7 +31,15 @@ from genlab.utils.validation import validate_config
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 log = RankedLogger(__name__, rank_zero_only=True)
 
-SAMPLING_KEYS = ("steps", "guidance_scale", "thresholding")
+SAMPLING_KEYS = (
+    "steps",
+    "guidance_scale",
+    "thresholding",
+    "temperature",
+    "top_k",
+    "top_p",
+    "n_candidates",
+)
 TOP_LEVEL = {
     "task_name": str,
     "tags": list[str] | None,
@@ -42,6 +51,11 @@ TOP_LEVEL = {
     "steps": int | None,
     "guidance_scale": float | None,
     "thresholding": str | None,
+    "temperature": float | None,
+    "top_k": int | None,
+    "top_p": float | None,
+    "n_candidates": int | None,
+    "clip_ckpt": str | None,
     "labels": list[int] | None,
     "classifier_ckpt": str | None,
     "classifier_scale": float,
@@ -77,6 +91,16 @@ def sample(cfg: DictConfig) -> TaskResult:
         size = (model.image_size, model.image_size)
         options["known"] = read_image(cfg.inpaint_image, size, model.channels)[None] * 2 - 1
         options["mask"] = (read_image(cfg.inpaint_mask, size, 1)[None] > 0.5).float()
+    if cfg.get("clip_ckpt") is not None:
+        if not callable(getattr(model, "use_clip", None)):
+            raise ValueError(f"clip_ckpt: {type(model).__name__} does not rank candidates")
+        model.use_clip(cfg.clip_ckpt, key="clip_ckpt")
+    takes = inspect.signature(model.generate).parameters
+    for key in options:
+        if key not in takes:
+            raise ValueError(
+                f"{key}={options[key]!r}: {type(model).__name__} does not take it (leave it null)"
+            )
     log.info(f"drawing {cfg.n} image(s) per prompt for {len(prompts or [None])} prompt(s)")
     images = model.generate(prompts, n=cfg.n, generator=generator, **options)
     out = Path(cfg.out)

@@ -179,3 +179,66 @@ def oracle_checkpoint() -> Path:
             os.environ.pop("OMP_NUM_THREADS")
         else:
             os.environ["OMP_NUM_THREADS"] = env
+
+
+# Tiny first stages (f = 4) that LDM and DALL-E tests train for a few steps and build on.
+FIRST_STAGE = {
+    "vae": ["model.discriminator=null", "model.perceptual=null", "model.disc_weight=0"],
+    "vqgan": [
+        "model.discriminator=null",
+        "model.perceptual=null",
+        "model.disc_weight=0",
+        "model.encoder.latent_channels=4",
+        "model.quantizer.code_dim=4",
+        "model.quantizer.num_codes=32",
+        "model.quantizer.kmeans_init=false",
+    ],
+    "dvae": ["model.quantizer.num_codes=32", "model.quantizer.code_dim=4"],
+}
+
+
+def compose_model(overrides: list[str]) -> dict:
+    """The resolved ``model`` node of ``train.yaml`` composed with ``overrides``, as a dict."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=overrides)
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def shapes_data(size: int = 16, **overrides):
+    """A small shapes DataModule (32 train, 16 val, 16 test items)."""
+    from genlab.data.shapes import ShapesDataModule
+
+    args = dict(resolution=size, batch_size=8, train_size=32, val_size=16, test_size=16)
+    return ShapesDataModule(**{**args, **overrides})
+
+
+def make_first_stage(kind: str, path: Path, steps: int = 2, size: int = 16) -> Path:
+    """A tiny first stage (f = 4, 4 latent channels), trained a few steps, saved to ``path``."""
+    from genlab.utils.checkpoint import ModelConfigInCheckpoint
+    from genlab.utils.instantiate import instantiate
+
+    config = compose_model(
+        [
+            f"model={kind}",
+            f"data.resolution={size}",
+            "model.encoder.channels=[8,16,16]",
+            "model.encoder.groups=8",
+            "model.encoder.mid_attention=false",
+            *FIRST_STAGE[kind],
+        ]
+    )
+    module = instantiate(config)
+    trainer = quiet_trainer(
+        path.parent,
+        max_steps=steps,
+        limit_val_batches=0,
+        callbacks=[ModelConfigInCheckpoint(config)],
+    )
+    trainer.fit(module, datamodule=shapes_data(size))
+    trainer.save_checkpoint(path)
+    return path

@@ -31,7 +31,12 @@ MANDATORY = {
     ("model", "ldm"): ["model.first_stage_ckpt=vae.ckpt"],
     ("experiment", "ldm_shapes"): ["model.first_stage_ckpt=vae.ckpt"],
     ("experiment", "ldm_coco"): ["model.first_stage_ckpt=vae.ckpt"],
+    ("model", "dalle"): ["model.tokenizer_ckpt=dvae.ckpt"],
+    ("experiment", "dalle_shapes"): ["model.tokenizer_ckpt=dvae.ckpt"],
+    ("experiment", "dalle_coco"): ["model.tokenizer_ckpt=dvae.ckpt"],
 }
+# models built on a frozen checkpoint: the key that names it and the model that makes it
+FROZEN_PART = {"ldm": ("first_stage_ckpt", "vae"), "dalle": ("tokenizer_ckpt", "dvae")}
 
 
 def options(group: str) -> list[str]:
@@ -113,10 +118,9 @@ FIRST_STAGES = {"vqgan", "vqvae", "dvae"}  # reconstruct; the VAEs also generate
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_config_instantiates(model: str, tmp_path: Path) -> None:
     overrides = [f"model={model}"]
-    if (
-        model == "ldm"
-    ):  # an untrained first stage of the default data's size, saved as train.py would
-        overrides.append(f"model.first_stage_ckpt={untrained_checkpoint('vae', tmp_path)}")
+    if model in FROZEN_PART:  # an untrained first stage of the default data's size
+        key, maker = FROZEN_PART[model]
+        overrides.append(f"model.{key}={untrained_checkpoint(maker, tmp_path)}")
     cfg = compose_cfg("train.yaml", overrides, tmp_path)
     module = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
     assert sum(p.numel() for p in module.parameters()) > 0

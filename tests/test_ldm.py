@@ -16,7 +16,15 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import genlab
-from conftest import CONF, check_ok, quiet_trainer, run_entry
+from conftest import (
+    CONF,
+    check_ok,
+    compose_model,
+    make_first_stage,
+    quiet_trainer,
+    run_entry,
+    shapes_data,
+)
 from genlab.data.common import LabelledArraysDataModule, labelled_splits
 from genlab.data.shapes import ShapesDataModule, ShapesDataset
 from genlab.models import ldm as ldm_module
@@ -25,19 +33,6 @@ from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 
 SIZE = 16
-FIRST_STAGE = {
-    "vae": ["model.discriminator=null", "model.perceptual=null", "model.disc_weight=0"],
-    "vqgan": [
-        "model.discriminator=null",
-        "model.perceptual=null",
-        "model.disc_weight=0",
-        "model.encoder.latent_channels=4",
-        "model.quantizer.code_dim=4",
-        "model.quantizer.num_codes=32",
-        "model.quantizer.kmeans_init=false",
-    ],
-    "dvae": ["model.quantizer.num_codes=32", "model.quantizer.code_dim=4"],
-}
 LDM_TINY = [
     f"data.resolution={SIZE}",
     "data.batch_size=8",
@@ -57,39 +52,8 @@ BPE_TINY = [
 ]
 
 
-def compose_model(overrides: list[str]) -> dict:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train.yaml", overrides=overrides)
-    return OmegaConf.to_container(cfg.model, resolve=True)
-
-
 def data() -> ShapesDataModule:
-    return ShapesDataModule(resolution=SIZE, batch_size=8, train_size=32, val_size=16, test_size=16)
-
-
-def make_first_stage(kind: str, path: Path, steps: int = 2) -> Path:
-    """A tiny first stage (f = 4, 4 latent channels), trained a few steps, saved to ``path``."""
-    config = compose_model(
-        [
-            f"model={kind}",
-            f"data.resolution={SIZE}",
-            "model.encoder.channels=[8,16,16]",
-            "model.encoder.groups=8",
-            "model.encoder.mid_attention=false",
-            *FIRST_STAGE[kind],
-        ]
-    )
-    module = instantiate(config)
-    trainer = quiet_trainer(
-        path.parent,
-        max_steps=steps,
-        limit_val_batches=0,
-        callbacks=[ModelConfigInCheckpoint(config)],
-    )
-    trainer.fit(module, datamodule=data())
-    trainer.save_checkpoint(path)
-    return path
+    return shapes_data(SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +340,71 @@ def test_ddp_ranks_build_one_cache_in_item_order(first_stages, tmp_path) -> None
     ddp_rows, rows = caches["ddp"], caches["single"]
     assert ddp_rows.shape == rows.shape == (32, 1, 4, SIZE // 4, SIZE // 4)
     assert (ddp_rows - rows).abs().max() < 1e-2 < (rows[1:] - rows[:-1]).abs().mean()
+
+
+def test_ldm_trains_on_a_coco_folder_through_train_py(first_stages, tmp_path) -> None:
+    """`python src/train.py model=ldm data=coco` on a folder in the official COCO layout."""
+    from test_data_files import write_coco_part
+
+    root = tmp_path / "data" / "coco"
+    write_coco_part(root, "train", {k: [(k, f"a photo of thing {k}")] for k in range(1, 9)})
+    write_coco_part(root, "val", {k: [(k, f"a val photo {k}")] for k in range(20, 24)})
+    result = run_entry(
+        "train.py",
+        "model=ldm",
+        "data=coco",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"model.first_stage_ckpt={first_stages['vae']}",
+        *LDM_TINY[:2],  # resolution and batch size; COCO has its own splits
+        *LDM_TINY[5:],
+        *BPE_TINY,
+        "data.batch_size=4",
+        "data.val_size=2",
+        "trainer.max_steps=2",
+        "callbacks.sample_grid.num_samples=2",
+        "sampler.steps=2",
+        "callbacks.generative_metrics=null",
+        "callbacks.rich_progress_bar=null",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    rows = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in rows and "test/loss" in rows
+    model = genlab.load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    images = model.generate(["a photo of thing 3"], steps=2, generator=torch.Generator())
+    assert images.shape == (1, 3, SIZE, SIZE)
+
+
+def test_class_labels_remain_an_option(first_stages, tmp_path) -> None:
+    model = tiny_ldm(
+        first_stages["vae"],
+        "model.condition=label",
+        "model.num_classes=3",
+        "model.text_encoder=null",
+        "model.tokenizer_vocab_size=0",
+        "model.net.context_dim=null",
+        "model.net.cond_dim=null",
+        "model.net.num_classes=3",
+    )
+    data = ThreeClassShapes()
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    images = model.eval().generate(labels=[0, 2], steps=2, generator=torch.Generator())
+    assert images.shape == (2, 3, SIZE, SIZE)
+
+
+class ThreeClassShapes(LabelledArraysDataModule):
+    """Shapes images in memory with class labels i mod 3 (a labelled dataset like cifar10)."""
+
+    name = "three_class_shapes"
+
+    def __init__(self) -> None:
+        super().__init__(batch_size=8, resolution=SIZE)
+        source = ShapesDataset("train", size=48, resolution=SIZE)
+        self.images = torch.stack([source[i]["image"] for i in range(48)])
+
+    def build_splits(self) -> dict:
+        pixels = ((self.images + 1) * 127.5).round().to(torch.uint8)
+        train, test = (pixels, torch.arange(48) % 3), (pixels[:16], torch.arange(16) % 3)
+        return labelled_splits(train, test, val_size=8, class_captions=["a", "b", "c"])

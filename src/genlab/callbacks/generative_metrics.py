@@ -113,6 +113,9 @@ class GenerativeMetrics(L.Callback):
         sampler, steps, guidance_scale: sampling options passed to ``generate``; None: the
             model's own.
         guidance_scales: evaluate each of these guidance scales (a sweep) instead of one.
+        generate_options: further keyword arguments of the model's ``generate`` (e.g. DALL-E's
+            ``{temperature: 0.9, n_candidates: 8}``), checked against its signature and recorded
+            in the protocol.
         metrics: which of ``fid, kid, is, pr, caption, clip`` to compute (those whose evaluator
             or conditions are missing are skipped with a note).
         features: ``auto``, ``inception``, ``shapes_oracle`` or ``clip``.
@@ -142,6 +145,7 @@ class GenerativeMetrics(L.Callback):
         steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_scales: list[float] | None = None,
+        generate_options: dict[str, Any] | None = None,
         metrics: Sequence[str] = METRICS,
         features: str = "auto",
         inception_weights: str | None = None,
@@ -177,6 +181,7 @@ class GenerativeMetrics(L.Callback):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.every_n_epochs, self.on_test = every_n_epochs, on_test
         self.sampling = {"sampler": sampler, "steps": steps}
+        self.generate_options = dict(generate_options or {})
         self.guidance_scales = list(guidance_scales) if guidance_scales else [guidance_scale]
         self.metrics, self.features = set(metrics), features
         self.inception_weights, self.fallback = inception_weights, fallback
@@ -472,6 +477,7 @@ class GenerativeMetrics(L.Callback):
             chunk_seed(self.seed, items.start // self.batch_size)
         )
         options = {k: v for k, v in self.sampling.items() if v is not None}
+        options |= self.generate_options
         if scale is not None:
             options["guidance_scale"] = scale
         if "prompts" in conditions:
@@ -573,12 +579,17 @@ class GenerativeMetrics(L.Callback):
             "steps": getattr(sampler, "steps", self.sampling["steps"]),
             "guidance_scale": model_scale if scale is None else scale,
         }
+        own = getattr(pl_module, "sampling_protocol", None)  # a model's own settings (DALL-E)
+        if callable(own):
+            given = self.generate_options | ({} if scale is None else {"guidance_scale": scale})
+            sampling = {k: v for k, v in sampling.items() if v is not None} | own(given)
         if all(value is None for value in sampling.values()):
             sampling = {}
         return {
             **self.base_protocol(tools, ref_info),
             "num_samples": num_samples,
             **sampling,
+            **({"generate_options": self.generate_options} if self.generate_options else {}),
             "seed": self.seed,
             "weights": "EMA" if getattr(pl_module, "uses_ema", False) else "raw",
         }
@@ -642,8 +653,23 @@ class GenerativeMetrics(L.Callback):
                 " stage, measured by its reconstructions), so it takes no sampling options; leave"
                 f" {key} null"
             )
-        parameters = inspect.signature(pl_module.generate).parameters if asked else {}
+        if self.generate_options and not generates(pl_module):
+            raise ValueError(
+                f"callbacks.generative_metrics.generate_options={self.generate_options}: "
+                f"{name} does not generate; leave it empty"
+            )
+        parameters = (
+            inspect.signature(pl_module.generate).parameters
+            if asked or self.generate_options
+            else {}
+        )
         forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        unknown = sorted(set(self.generate_options) - set(parameters))
+        if unknown and not forwards:
+            raise ValueError(
+                f"callbacks.generative_metrics.generate_options.{unknown[0]}: {name}.generate "
+                f"takes no {unknown[0]!r}; it takes {sorted(parameters)}"
+            )
         for key, value, parameter in asked:
             has_setting = hasattr(pl_module, settings[parameter])
             if parameter not in parameters and not (forwards and has_setting):

@@ -44,7 +44,7 @@ from genlab.metrics.extractors import file_version
 from genlab.metrics.reference import extract_split, reference_key, split_dataset, write_atomically
 from genlab.models.diffusion_model import DiffusionModel
 from genlab.nn.distributions import DiagonalGaussian
-from genlab.utils.checkpoint import load
+from genlab.utils.checkpoint import load_frozen
 from genlab.utils.rank_logging import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -287,25 +287,16 @@ class LDM(DiffusionModel):
 
 def load_first_stage(path: str | Path) -> torch.nn.Module:
     """The first stage of a checkpoint, frozen, with a clear error when it is missing or is not
-    an autoencoder."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(
-            f"model.first_stage_ckpt={str(path)!r}: no such file. Train one first (python "
-            "src/train.py experiment=vae_shapes_64) or point to an existing vae/vqgan checkpoint"
-        )
-    module = load(path)
-    for attr in ("encode", "decode", "latent_channels", "downsample_factor"):
-        if not hasattr(module, attr):
-            raise ValueError(
-                f"model.first_stage_ckpt={str(path)!r} holds a {type(module).__name__}, not a "
-                f"first-stage autoencoder with {attr} (use a vae or vqgan checkpoint)"
-            )
+    an autoencoder with a continuous latent."""
+    hint = "use a vae or vqgan checkpoint (python src/train.py experiment=vae_shapes_64)"
+    needs = ("encode", "decode", "latent_channels", "downsample_factor")
+    module = load_frozen(path, key="model.first_stage_ckpt", needs=needs, hint=hint)
     if callable(getattr(module, "encode_indices", None)) and not hasattr(module, "quant_conv"):
         raise ValueError(
             f"model.first_stage_ckpt={str(path)!r} is a dVAE: its tokens have no continuous "
             "latent to diffuse; use a vae or vqgan checkpoint"
         )
-    return module.requires_grad_(False).eval()
+    return module
 
 
 def moments_or_latents(encoded: Any) -> torch.Tensor:

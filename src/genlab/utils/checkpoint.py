@@ -8,6 +8,7 @@ checkpoint alone, with no config files and no Hydra (DESIGN.md, "The model contr
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,30 @@ def model_from_checkpoint(
     model.load_state_dict(ckpt["state_dict"])
     model.genlab_checkpoint_path = str(path)
     return model.to(map_location).eval()
+
+
+def load_frozen(
+    path: str | Path, *, key: str, needs: Sequence[str], hint: str
+) -> L.LightningModule:
+    """A module rebuilt from its checkpoint (:func:`load`) to be used frozen inside another one
+    (LDM's first stage, DALL-E's tokenizer and CLIP): no gradients, eval mode.
+
+    Args:
+        path: the checkpoint.
+        key: the config key that named it, for messages (``model.first_stage_ckpt``).
+        needs: attributes the module must have (``encode``, ``decode_indices``, ...).
+        hint: what to use instead, appended to the messages.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the checkpoint holds a module without one of ``needs``.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}={str(path)!r}: no such file. Train one first or {hint}")
+    module = load(path)
+    for attr in needs:
+        if not hasattr(module, attr):
+            raise ValueError(
+                f"{key}={str(path)!r} holds a {type(module).__name__}, which has no {attr}: {hint}"
+            )
+    return module.requires_grad_(False).eval()
