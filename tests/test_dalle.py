@@ -403,3 +403,23 @@ def test_dalle_trains_evaluates_and_samples_through_the_entry_points(dvae, tmp_p
         tmp_path=tmp_path,
     )
     assert result.returncode != 0 and "clip_ckpt" in result.stderr
+
+
+def test_dalle_trains_under_ddp(dvae, tmp_path) -> None:
+    """Two gloo processes: one tokenizer (rank 0's), the frozen dVAE outside DDP's parameters,
+    per-rank caption dropout; the run ends with one checkpoint that loads and samples."""
+    run = tmp_path / "run"
+    result = run_entry(
+        "train.py",
+        *ENTRY_TINY,
+        f"model.tokenizer_ckpt={dvae}",
+        "trainer=ddp_cpu",
+        "trainer.max_steps=2",
+        "callbacks.generative_metrics=null",
+        "callbacks.sample_grid=null",
+        f"hydra.run.dir={run}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    model = genlab.load(run / "checkpoints" / "last.ckpt")
+    assert model.generate(["a red circle"], generator=torch.Generator()).shape == (1, 3, SIZE, SIZE)
