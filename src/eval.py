@@ -66,7 +66,7 @@ PROTOCOL_KEYS = ("extractor", "extractor_version", "num_samples", "reference", "
 
 @task_wrapper
 def evaluate(cfg: DictConfig) -> TaskResult:
-    """Evaluate ``cfg.ckpt_path`` (or compare several runs); save the report(s)."""
+    """Evaluate ``cfg.ckpt_path`` or ``cfg.model`` (or compare several runs); save the report(s)."""
     if cfg.get("compare"):
         return compare(cfg), {"cfg": cfg}
     report, objects = evaluate_checkpoint(cfg, cfg.ckpt_path, Path(cfg.metrics_file))
@@ -79,8 +79,13 @@ def evaluate_checkpoint(
     """Test one checkpoint with the generative metrics; write and return its report."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    ckpt = read_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, path=ckpt_path)
+    if ckpt_path:
+        ckpt = read_checkpoint(ckpt_path)
+        model = model_from_checkpoint(ckpt, path=ckpt_path)
+    else:  # a model assembled from other checkpoints, e.g. model=imagen_cascade
+        ckpt = {}
+        log.info(f"instantiating model <{cfg.model._target_}>")
+        model = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
     check_sampling(cfg, model)
     data_cfg = data_config(cfg, ckpt)
     log.info(f"instantiating data <{data_cfg['_target_']}>")
@@ -125,9 +130,8 @@ def data_config(cfg: DictConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("data") is not None:
         return OmegaConf.to_container(cfg.data, resolve=True)
     if ckpt.get(DATA_CONFIG_KEY) is None:
-        raise ValueError(
-            f"ckpt_path={cfg.ckpt_path!r} stores no data config: choose one, e.g. data=shapes"
-        )
+        what = f"ckpt_path={cfg.ckpt_path!r} stores" if cfg.get("ckpt_path") else "model= has"
+        raise ValueError(f"{what} no data config: choose one, e.g. data=shapes")
     log.info("using the data config stored in the checkpoint")
     return ckpt[DATA_CONFIG_KEY]
 
@@ -316,9 +320,14 @@ def main(cfg: DictConfig) -> None:
 
 
 def check_task(cfg: DictConfig) -> None:
-    """A checkpoint to evaluate, or runs to compare."""
-    if not cfg.get("ckpt_path") and not cfg.get("compare"):
-        raise ConfigError("ckpt_path is mandatory: pass ckpt_path=... (or +compare=[...])")
+    """A checkpoint or a model assembled from checkpoints to evaluate, or runs to compare."""
+    if cfg.get("ckpt_path") and cfg.get("model"):
+        raise ConfigError("give ckpt_path=... or model=... (e.g. model=imagen_cascade), not both")
+    if not cfg.get("ckpt_path") and not cfg.get("model") and not cfg.get("compare"):
+        raise ConfigError(
+            "ckpt_path is mandatory: pass ckpt_path=... (or model=imagen_cascade "
+            "model.stages=[...], or +compare=[...])"
+        )
 
 
 if __name__ == "__main__":

