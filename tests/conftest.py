@@ -46,6 +46,15 @@ ORACLE_OVERRIDES = [
     + "]",
     f"callbacks.generative_metrics.cache_dir={EVALUATORS / 'reference'}",
 ]
+CLIP_TINY = [  # a 16 px CLIP of a few thousand parameters
+    "model.image_encoder.channels=[16,32]",
+    "model.image_encoder.heads=2",
+    "model.text_encoder.width=32",
+    "model.text_encoder.layers=1",
+    "model.text_encoder.heads=2",
+    "model.text_encoder.vocab_size=128",
+    "model.embed_dim=32",
+]
 CLIP_RECIPE = [
     "experiment=clip_shapes",
     "trainer.max_steps=20",
@@ -54,13 +63,7 @@ CLIP_RECIPE = [
     "data.train_size=320",
     "data.val_size=16",
     "data.test_size=16",
-    "model.image_encoder.channels=[16,32]",
-    "model.image_encoder.heads=2",
-    "model.text_encoder.width=32",
-    "model.text_encoder.layers=1",
-    "model.text_encoder.heads=2",
-    "model.text_encoder.vocab_size=128",
-    "model.embed_dim=32",
+    *CLIP_TINY,
     "callbacks.rich_progress_bar=null",
     "callbacks.model_summary=null",
 ]

@@ -14,6 +14,7 @@ import torch
 
 import genlab
 from conftest import (
+    CLIP_TINY,
     ORACLE_OVERRIDES,
     check_ok,
     compose_model,
@@ -203,19 +204,7 @@ def test_sample_logits_filters_and_matches_the_softmax() -> None:
 
 def clip_for_reranking(tmp_path: Path):
     """An untrained tiny CLIP at the test's size with a tokenizer: a fixed scoring function."""
-    config = compose_model(
-        [
-            "model=clip",
-            f"data.resolution={SIZE}",
-            "model.image_encoder.channels=[16,32]",
-            "model.image_encoder.heads=2",
-            "model.text_encoder.width=32",
-            "model.text_encoder.layers=1",
-            "model.text_encoder.heads=2",
-            "model.text_encoder.vocab_size=128",
-            "model.embed_dim=32",
-        ]
-    )
+    config = compose_model(["model=clip", f"data.resolution={SIZE}", *CLIP_TINY])
     torch.manual_seed(3)
     clip = instantiate(config)
     clip.tokenizer = BPETokenizer.train(shapes_data(SIZE).train_captions(), vocab_size=128)
