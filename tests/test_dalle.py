@@ -221,14 +221,18 @@ def clip_for_reranking(tmp_path: Path):
 
 
 def test_reranking_keeps_the_highest_scoring_candidates(trained, tmp_path) -> None:
-    trained.use_clip(clip_for_reranking(tmp_path))
+    clip_path = str(clip_for_reranking(tmp_path))
     try:
         prompts = ["a red circle", "a small green triangle at the bottom"]
         every = trained.generate(
             prompts, n_candidates=6, keep=6, generator=torch.Generator().manual_seed(1)
         )
-        best = trained.generate(
-            prompts, n_candidates=6, keep=2, generator=torch.Generator().manual_seed(1)
+        best = trained.generate(  # loads the CLIP given here (eval.generate_options can)
+            prompts,
+            n_candidates=6,
+            keep=2,
+            clip_ckpt=clip_path,
+            generator=torch.Generator().manual_seed(1),
         )
         assert every.shape == (12, 3, SIZE, SIZE) and best.shape == (4, 3, SIZE, SIZE)
         scores = trained.clip.similarity(every, [p for p in prompts for _ in range(6)]).view(2, 6)

@@ -124,7 +124,12 @@ class SampleGrid(L.Callback):
             (samples_dir / "prompts.txt").write_text("\n".join(self.grid_text) + "\n")
 
     def describe(self, pl_module: L.LightningModule) -> str:
-        """The sampler and guidance scale the grids use."""
+        """The sampler and guidance scale the grids use (a model's own settings when it has a
+        ``sampling_protocol``, e.g. DALL-E's temperature and top-k / top-p)."""
+        own = getattr(pl_module, "sampling_protocol", None)
+        if callable(own):
+            given = {k: v for k, v in self.sampling.items() if v is not None}
+            return ", ".join(f"{k} {v}" for k, v in own(given).items())
         sampler = self.sampling["sampler"] or getattr(pl_module, "sampler", None)
         scale = self.sampling["guidance_scale"]
         scale = getattr(pl_module, "guidance_scale", None) if scale is None else scale

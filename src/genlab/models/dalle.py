@@ -346,15 +346,19 @@ class DALLE(L.LightningModule):
         top_p: float | None = None,
         n_candidates: int | None = None,
         keep: int | None = None,
+        clip_ckpt: str | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
         """Draw images (P · m, C, H, W) in [-1, 1] for P prompts, prompt-major.
 
         m = ``keep`` (or ``n``, images per prompt; default the model's ``keep``). Each prompt
         gets k = ``n_candidates`` candidates (default m); when k > m, CLIP keeps the m best,
-        best first. Unset options take the model's defaults (module docstring).
+        best first, by the model's CLIP or the one at ``clip_ckpt`` (kept for later calls).
+        Unset options take the model's defaults (module docstring).
         """
         check_prompts(prompts)
+        if clip_ckpt is not None and self.frozen_parts.get("clip", {}).get("path") != clip_ckpt:
+            self.use_clip(clip_ckpt, key="clip_ckpt")
         if n is not None and keep is not None and n != keep:
             raise ValueError(f"n={n} and keep={keep} both give the images per prompt: pass one")
         given = {
