@@ -248,6 +248,18 @@ def test_cascade_has_the_final_resolution_and_is_reproducible(stages) -> None:
     other = cascade.generate(prompts, n=2, generator=torch.Generator().manual_seed(4))
     assert first.shape == (4, 3, 32, 32) and first.abs().max() <= 1
     assert torch.equal(first, again) and not torch.equal(first, other)
+    unguided = cascade.generate(
+        prompts,
+        n=2,
+        generator=torch.Generator().manual_seed(3),
+        guidance_scale=1.0,
+        thresholding="static",
+    )  # overrides the base stage's guidance 4 and dynamic thresholding
+    assert not torch.equal(unguided, first)
+    swept = cascade.sampling_protocol({"guidance_scale": 1.0, "thresholding": "static"})
+    assert swept["stages"][0]["guidance_scale"] == 1.0
+    assert swept["stages"][0]["thresholding"] == "static"
+    assert swept["stages"][1]["thresholding"] == "dynamic"
     protocol = cascade.sampling_protocol({})
     assert [s["size"] for s in protocol["stages"]] == [16, 32]
     assert protocol["stages"][1]["aug_level"] == 0.2

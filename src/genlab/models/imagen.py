@@ -251,12 +251,15 @@ class ImagenCascade(L.LightningModule):
         return all(getattr(stage, "uses_ema", False) for stage in self.stages)
 
     def sampling_protocol(self, given: dict[str, Any]) -> dict[str, Any]:
-        """Each stage's sampler, steps, guidance scale and augmentation level."""
+        """Each stage's sampler, steps, guidance scale, thresholding and augmentation level."""
         described = []
-        for stage, opts in zip(self.stages, self.options, strict=True):
+        for i, (stage, opts) in enumerate(zip(self.stages, self.options, strict=True)):
+            if i == 0 and given.get("guidance_scale") is not None:
+                opts = dataclasses.replace(opts, guidance_scale=given["guidance_scale"])
             sampler = stage.resolve_sampler(opts.sampler, opts.steps)
             scale = stage.guidance_scale if opts.guidance_scale is None else opts.guidance_scale
             entry = {"size": stage.image_size, "sampler": str(sampler), "guidance_scale": scale}
+            entry["thresholding"] = (i == 0 and given.get("thresholding")) or stage.thresholding
             if isinstance(stage, ImagenSR):
                 level = stage.sample_aug_level if opts.aug_level is None else opts.aug_level
                 entry["aug_level"] = level
@@ -276,10 +279,18 @@ class ImagenCascade(L.LightningModule):
         *,
         n: int | None = None,
         generator: torch.Generator | None = None,
+        guidance_scale: float | None = None,
+        thresholding: str | None = None,
     ) -> torch.Tensor:
-        """(P · n, C, H, W) images in [-1, 1] at the last stage's size."""
+        """(P · n, C, H, W) images in [-1, 1] at the last stage's size. ``guidance_scale`` and
+        ``thresholding`` override the base stage's (a guidance sweep of the cascade)."""
         first, *rest = zip(self.stages, self.options, strict=True)
-        images = first[0].generate(prompts, n=n, generator=generator, **stage_kwargs(first[1]))
+        base_kwargs = stage_kwargs(first[1])
+        if guidance_scale is not None:
+            base_kwargs["guidance_scale"] = guidance_scale
+        if thresholding is not None:
+            base_kwargs["thresholding"] = thresholding
+        images = first[0].generate(prompts, n=n, generator=generator, **base_kwargs)
         for stage, opts in rest:
             kwargs = stage_kwargs(opts)
             if opts.aug_level is not None:
