@@ -206,9 +206,9 @@ class DALLE(L.LightningModule):
         image = self.image_tokens(images)  # (B, N)
         stream = torch.cat([text, image + self.image_offset], dim=1)  # (B, T)
         logits = net(stream[:, :-1]).float()  # (B, T - 1, vocab): position i predicts i + 1
-        L_ = self.text_length
-        text_logits = logits[:, : L_ - 1, : self.image_offset]  # (B, L - 1, V + L)
-        image_logits = logits[:, L_ - 1 :, self.image_offset :]  # (B, N, K)
+        n_text = self.text_length  # L
+        text_logits = logits[:, : n_text - 1, : self.image_offset]  # (B, L - 1, V + L)
+        image_logits = logits[:, n_text - 1 :, self.image_offset :]  # (B, N, K)
         text_ce = F.cross_entropy(text_logits.transpose(1, 2), text[:, 1:], reduction="none")
         image_ce = F.cross_entropy(image_logits.transpose(1, 2), image, reduction="none")
         return {"text": text_ce.mean(1), "image": image_ce.mean(1), "keep": keep}
