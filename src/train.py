@@ -8,13 +8,17 @@ Runs without installing genlab: Python puts this file's folder (``src/``) on ``s
 from __future__ import annotations
 
 import os
+import random
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from genlab.utils.checkpoint import ModelConfigInCheckpoint
+from genlab.callbacks.preemption import Preempted
+from genlab.callbacks.step_seeds import StepSeeds
+from genlab.utils.checkpoint import AtomicCheckpointIO, ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from genlab.utils.logging_utils import log_hyperparameters
@@ -44,8 +48,12 @@ def train(cfg: DictConfig) -> TaskResult:
     ``instantiate``, the same dicts the checkpoints store, so ``genlab.load`` rebuilds exactly
     the model that was trained.
     """
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+    seed = cfg.get("seed")
+    if seed is None:  # DDP ranks started by Lightning inherit the first rank's PL_GLOBAL_SEED
+        seed = int(os.environ.get("PL_GLOBAL_SEED") or random.SystemRandom().randrange(2**31))
+        log.info(f"seed=null: this run's seed is {seed} (saved in its checkpoints)")
+    L.seed_everything(seed, workers=True)  # the same initial weights on every rank
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     log.info(f"instantiating data <{data_cfg['_target_']}>")
@@ -53,26 +61,53 @@ def train(cfg: DictConfig) -> TaskResult:
     log.info(f"instantiating model <{model_cfg['_target_']}>")
     model = instantiate(model_cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    callbacks.append(ModelConfigInCheckpoint(model_cfg, data_cfg))
+    callbacks += [ModelConfigInCheckpoint(model_cfg, data_cfg), StepSeeds(seed)]
     loggers = instantiate_loggers(
-        cfg.get("logger"), output_dir=cfg.paths.output_dir, ckpt_path=cfg.get("ckpt_path")
+        cfg.get("logger"), output_dir=cfg.paths.output_dir, ckpt_path=ckpt_path
     )
     log.info(f"instantiating trainer <{cfg.trainer._target_}>")
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers,
+        plugins=[*instantiate_plugins(cfg.trainer.get("plugins")), AtomicCheckpointIO()],
         **manual_optimization_overrides(model, cfg.trainer),
     )
     log_hyperparameters(cfg=cfg, model=model, trainer=trainer)
     if cfg.train:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = dict(trainer.callback_metrics)
     if cfg.test:
         trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint_to_test(trainer, cfg))
         metrics.update(trainer.callback_metrics)
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
     return metrics, objects
+
+
+def instantiate_plugins(plugins_cfg: DictConfig | None) -> list:
+    """The trainer config's own ``plugins`` (e.g. a ``SLURMEnvironment``), instantiated."""
+    if not plugins_cfg:
+        return []
+    return [hydra.utils.instantiate(p) if isinstance(p, DictConfig) else p for p in plugins_cfg]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """The checkpoint to resume from: a path, or ``last`` / ``auto`` for this run folder's
+    ``checkpoints/last.ckpt`` (``last`` fails when there is none; ``auto`` then starts afresh,
+    which makes one command both start and resume a run with a fixed ``hydra.run.dir``)."""
+    if ckpt_path not in ("last", "auto"):
+        return ckpt_path
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info(f"ckpt_path={ckpt_path}: resuming from {last}")
+        return str(last)
+    if ckpt_path == "last":
+        raise ConfigError(
+            f"ckpt_path=last: no checkpoint at {last}. Point hydra.run.dir at the run folder to "
+            "resume, or use ckpt_path=auto to start afresh when there is none."
+        )
+    log.info(f"ckpt_path=auto: no {last} yet, so this run starts from scratch")
+    return None
 
 
 def manual_optimization_overrides(model: L.LightningModule, trainer_cfg: DictConfig) -> dict:
@@ -112,7 +147,7 @@ def checkpoint_to_test(trainer: L.Trainer, cfg: DictConfig) -> str | None:
         log.info(f"testing the best checkpoint {best}")
         return best
     if cfg.get("ckpt_path") and not cfg.train:
-        return cfg.ckpt_path
+        return resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     log.warning("no best checkpoint was saved: testing the current weights")
     return None
 
@@ -121,10 +156,13 @@ def checkpoint_to_test(trainer: L.Trainer, cfg: DictConfig) -> str | None:
 def main(cfg: DictConfig) -> float | None:
     """Validate the composed config, train, and return the metric named by optimized_metric."""
     validate_config(cfg, TOP_LEVEL)
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+    if cfg.get("ckpt_path") not in (None, "last", "auto") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
     extras(cfg)
-    metrics, _ = train(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except Preempted as stop:
+        sys.exit(128 + stop.signum)  # what the signal would have given; the message is logged
     return get_metric_value(metrics, cfg.get("optimized_metric"))
 
 

@@ -20,6 +20,7 @@ Unreadable image files follow the ``bad_files`` policy of the DataModule:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,8 @@ from lightning import LightningDataModule
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+
+from genlab.data.resumable import ResumableLoader, ResumableSampler, SeededItems
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,12 @@ def missing_dataset(what: str, looked_at: Path, layout: str, hint: str = "") -> 
     return FileNotFoundError(message + (f"\n{hint}" if hint else ""))
 
 
+def training_progress(trainer: Any) -> tuple[int, int]:
+    """``(epoch, batches trained on in it)`` of a Lightning trainer: what a checkpoint's data
+    position is (a batch counts once its training step has run, prefetched ones do not)."""
+    return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
 class GenDataModule(LightningDataModule):
     """Base of every genlab DataModule: the common arguments, the loaders and the description.
 
@@ -141,30 +150,46 @@ class GenDataModule(LightningDataModule):
         self.data_test: Dataset | None = None
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the last incomplete batch is dropped."""
+        """Shuffled training batches, the last incomplete batch dropped, resumable mid-epoch
+        (:mod:`genlab.data.resumable`): the order depends on ``(seed, epoch)`` and each DDP rank
+        reads its own shard."""
         dataset = self.split_or_raise(self.data_train, "train", "fit")
         if len(dataset) < self.batch_size:
             raise ValueError(
                 f"batch_size={self.batch_size} is larger than the {len(dataset)} training items "
                 f"of {self.name}: with drop_last the training loader would yield no batch"
             )
-        return self.loader(dataset, shuffle=True)
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            dataset,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            seed=self.seed,
+        )
+        return ResumableLoader(
+            SeededItems(dataset, self.seed),
+            sampler=sampler,
+            progress=None if trainer is None else functools.partial(training_progress, trainer),
+            batch_size=self.batch_size,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in split order."""
-        return self.loader(self.split_or_raise(self.data_val, "val", "validate"), shuffle=False)
+        return self.loader(self.split_or_raise(self.data_val, "val", "validate"))
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in split order."""
-        return self.loader(self.split_or_raise(self.data_test, "test", "test"), shuffle=False)
+        return self.loader(self.split_or_raise(self.data_test, "test", "test"))
 
-    def loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
-        """A DataLoader over ``dataset`` with this module's batch size and worker settings."""
+    def loader(self, dataset: Dataset) -> DataLoader:
+        """An evaluation DataLoader over ``dataset`` in split order, every item kept."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -154,7 +154,6 @@ class DALLE(L.LightningModule):
         self.n_candidates, self.keep = n_candidates, keep
         self.sample_batch_size = sample_batch_size
         self.tokenizer: BPETokenizer | None = None
-        self.noise_generator: torch.Generator | None = None
         check_sampling(self.sampling_options({}), reranks=self.clip is not None)
 
     # ------------------------------------------------------------------------------------------
@@ -247,30 +246,22 @@ class DALLE(L.LightningModule):
                 model=self.config_name,
             )
 
-    def on_fit_start(self) -> None:
-        # each rank drops its own captions (a shared seed would drop the same ones)
-        seed = torch.initial_seed() + 1_000_003 * self.global_rank
-        self.noise_generator = torch.Generator(self.device).manual_seed(seed % 2**63)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         captions = captions_of(batch)
-        drop = (
-            torch.rand(len(captions), generator=self.noise_generator, device=self.device)
-            < self.cond_drop_prob
-        )
+        drop = torch.rand(len(captions), device=self.device) < self.cond_drop_prob
         kept = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         values = self.total_loss(self.losses(self.net, batch["image"], kept, ~drop))
-        if not torch.isfinite(values["loss"]):
-            raise FloatingPointError(
-                f"non-finite training loss {values['loss'].item()} at step {self.global_step}"
-            )
         self.log_dict({f"train/{k}": v.detach() for k, v in values.items()})
         self.log("loss", values["loss"].detach(), prog_bar=True, logger=False)
         return values["loss"]
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # here, so that a checkpoint written after the batch has it
+            self.ema.update(self.net)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
-            self.ema.update(self.net)
             self.log("train/ema_decay", self.ema.current_decay())
 
     def evaluation_step(self, batch: dict[str, Any], stage: str) -> None:

@@ -155,7 +155,6 @@ class DiffusionModel(L.LightningModule):
             self.denoiser.to(memory_format=torch.channels_last)
         self.ema = None if ema_decay is None else EMA(self.denoiser, decay=ema_decay)
         self.tokenizer: BPETokenizer | None = None
-        self.noise_generator: torch.Generator | None = None
 
     # ----------------------------------------------------------------------------------------
     # conditioning
@@ -265,19 +264,14 @@ class DiffusionModel(L.LightningModule):
             losses["loss"] = mse + self.vlb_weight * self.num_timesteps * vlb
         return losses
 
-    def training_noise(self, x0: torch.Tensor, generator) -> torch.Tensor:
+    def training_noise(self, x0: torch.Tensor) -> torch.Tensor:
         """ε ~ N(0, I), plus ``offset_noise`` × a per-(sample, channel) constant (Guttenberg 2023)."""
-        eps = torch.randn(x0.shape, device=self.device, generator=generator)
+        eps = torch.randn(x0.shape, device=self.device)
         if self.offset_noise:
             shape = (*x0.shape[:2], 1, 1)
-            offset = torch.randn(shape, device=self.device, generator=generator)
+            offset = torch.randn(shape, device=self.device)
             eps = eps + self.offset_noise * offset
         return eps
-
-    def on_fit_start(self) -> None:
-        # each rank draws its own noise and timesteps (a shared seed would repeat them)
-        seed = torch.initial_seed() + 1_000_003 * self.global_rank
-        self.noise_generator = torch.Generator(self.device).manual_seed(seed % 2**63)
 
     def training_data(self, batch: dict[str, Any]) -> torch.Tensor:
         """x0 of a training batch: its images in the diffusion space (LDM may read cached
@@ -286,24 +280,24 @@ class DiffusionModel(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = self.training_data(batch)
-        b, gen = x0.shape[0], self.noise_generator
-        t = self.schedule.sample_t(b, generator=gen, device=self.device)
-        eps = self.training_noise(x0, gen)
-        drop = torch.rand(b, device=self.device, generator=gen) < self.cond_drop_prob
+        b = x0.shape[0]  # the global generators: reseeded per rank and step (StepSeeds)
+        t = self.schedule.sample_t(b, device=self.device)
+        eps = self.training_noise(x0)
+        drop = torch.rand(b, device=self.device) < self.cond_drop_prob
         losses = self.forward_loss(x0, t, eps, self.drop_condition(batch, drop), self.denoiser)
         loss = losses["loss"].mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}"
-            )
         self.log("train/loss", loss, prog_bar=True)
         if self.learned_variance:
             self.log_dict({"train/mse": losses["mse"].mean(), "train/vlb": losses["vlb"].mean()})
         return loss
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # here, so that a checkpoint written after the batch has it
+            self.ema.update(self.denoiser)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
-            self.ema.update(self.denoiser)
             self.log("train/ema_decay", self.ema.current_decay())
 
     def evaluation_loss(self, batch: dict[str, Any]) -> torch.Tensor:

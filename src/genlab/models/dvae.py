@@ -103,7 +103,7 @@ class DVAE(FirstStage):
         final KL weight, so that ``val/loss`` means the same at every step."""
         step = self.global_step
         tau = self.temperature(step)
-        q = self.quantizer(self.logits(images), tau, generator=self.noise_generator)
+        q = self.quantizer(self.logits(images), tau)
         weight = self.kl_weight(step) if self.training else self.kl_weight.final
         h, w = q.indices.shape[-2:]
         regularization = weight * q.loss * (h * w) / images[0].numel()

@@ -166,7 +166,6 @@ class FirstStage(L.LightningModule):
         self.downsample_factor = decoder.downsample_factor
         self.latent_size = image_size // self.downsample_factor
         self.usage_warning = usage_warning
-        self.noise_generator: torch.Generator | None = None
         if perceptual is not None:  # frozen, identical on every rank: DDP need not broadcast it
             self._ddp_params_and_buffers_to_ignore = [
                 f"perceptual.{name}" for name, _ in perceptual.named_buffers()
@@ -229,11 +228,6 @@ class FirstStage(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------
     # training
-    def on_fit_start(self) -> None:
-        # each rank draws its own noise (a shared seed would repeat it)
-        seed = torch.initial_seed() + 1_000_003 * self.global_rank
-        self.noise_generator = torch.Generator(self.device).manual_seed(seed % 2**63)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["image"]
         opts = self.optimizers()
@@ -251,7 +245,6 @@ class FirstStage(L.LightningModule):
             weight = self.adversarial_weight(losses["rec"], adv)
             loss = loss + weight * adv
             logs |= {"train/g_adv": adv, "train/adv_weight": weight}
-        self.check_finite(loss, "autoencoder")
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self.clip_and_step(opt_g, counted=True)
@@ -263,7 +256,6 @@ class FirstStage(L.LightningModule):
             real = self.discriminator(images.detach())
             fake = self.discriminator(out.reconstruction.detach())
             d_loss = discriminator_loss(real, fake, self.disc_loss)
-            self.check_finite(d_loss, "discriminator")
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             self.clip_and_step(opt_d, counted=False)
@@ -296,12 +288,6 @@ class FirstStage(L.LightningModule):
         schedulers[0].step()
         if adversarial and len(schedulers) > 1:
             schedulers[1].step()
-
-    def check_finite(self, loss: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite {what} loss {loss.item()} at step {self.global_step}"
-            )
 
     def configure_optimizers(self):
         generator = optimizers(

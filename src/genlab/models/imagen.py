@@ -110,7 +110,7 @@ class ImagenSR(DiffusionModel):
         """Augmentation levels of a batch: U(0, aug_max) in training, the sampling level else."""
         if not self.training:
             return torch.full((n,), self.sample_aug_level, device=self.device)
-        draw = torch.rand(n, generator=self.noise_generator, device=self.device)
+        draw = torch.rand(n, device=self.device)
         return draw * self.aug_max
 
     def low_res_condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -119,7 +119,7 @@ class ImagenSR(DiffusionModel):
         up = self.upsample(self.downsample(batch["image"]))  # (B, C, H, W)
         levels = self.training_levels(len(up))
         if self.training:
-            noise = torch.randn(up.shape, generator=self.noise_generator, device=self.device)
+            noise = torch.randn(up.shape, device=self.device)
         else:
             gens = [torch.Generator().manual_seed(int(i) + 7919) for i in batch["index"]]
             noise = torch.stack([torch.randn(up.shape[1:], generator=g) for g in gens])

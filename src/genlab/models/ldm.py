@@ -125,8 +125,7 @@ class LDM(DiffusionModel):
         otherwise) or the latent before quantization (VQ-GAN)."""
         encoded = self.first_stage.encode(images)
         if hasattr(encoded, "sample"):
-            generator = self.noise_generator if self.training else None
-            encoded = encoded.sample(generator) if self.training else encoded.mode()
+            encoded = encoded.sample() if self.training else encoded.mode()
         return encoded.float()
 
     def to_diffusion_space(self, images: torch.Tensor) -> torch.Tensor:
@@ -155,7 +154,6 @@ class LDM(DiffusionModel):
     # ------------------------------------------------------------------------------------------
     # the latent cache
     def on_fit_start(self) -> None:
-        super().on_fit_start()
         if self.cache_latents and self.trainer.fast_dev_run:
             log.info("latent cache: not built for a fast_dev_run; encoding each batch instead")
         elif self.cache_latents:
@@ -173,10 +171,10 @@ class LDM(DiffusionModel):
         rows = self.latent_cache[index.cpu()]  # (B, O, C', h, w), copied out of the memory map
         pick = torch.zeros(len(rows), dtype=torch.long)
         if rows.shape[1] == 2:
-            draw = torch.rand(len(rows), generator=self.noise_generator, device=self.device)
+            draw = torch.rand(len(rows), device=self.device)
             pick = (draw < 0.5).long().cpu()
         rows = rows[torch.arange(len(rows)), pick].to(self.device).float()  # (B, C', h, w)
-        return DiagonalGaussian(rows).sample(self.noise_generator) if self.cached_moments else rows
+        return DiagonalGaussian(rows).sample() if self.cached_moments else rows
 
     @torch.no_grad()
     def encodings(self, images: torch.Tensor, orientations: int = 1) -> torch.Tensor:

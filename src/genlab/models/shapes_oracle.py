@@ -106,10 +106,6 @@ class ShapesOracle(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         _, logits = self.net(batch["image"])
         loss = parse_loss(logits, targets_of(batch)).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}"
-            )
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

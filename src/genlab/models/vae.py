@@ -111,10 +111,7 @@ class VAE(FirstStage):
     # training
     def forward_train(self, images: torch.Tensor) -> AutoencoderOutput:
         posterior = self.encode(images)
-        if self.training and self.sample_posterior:
-            z = posterior.sample(self.noise_generator)
-        else:
-            z = posterior.mode()
+        z = posterior.sample() if self.training and self.sample_posterior else posterior.mode()
         kl = posterior.kl().mean()  # nats per image
         # evaluation uses the final weight, so that val/loss means the same at every step
         weight = self.kl_weight(self.global_step) if self.training else self.kl_weight.final

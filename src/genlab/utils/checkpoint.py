@@ -3,17 +3,20 @@
 ``ModelConfigInCheckpoint`` (a callback the entry point always adds) writes the plain-dict model
 and data configs into every checkpoint; :func:`load` rebuilds the LightningModule from a
 checkpoint alone, with no config files and no Hydra (DESIGN.md, "The model contract").
+:class:`AtomicCheckpointIO` writes every checkpoint atomically and never with non-finite weights.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from genlab.utils.instantiate import instantiate
 
@@ -100,3 +103,97 @@ def load_frozen(
                 f"{key}={str(path)!r} holds a {type(module).__name__}, which has no {attr}: {hint}"
             )
     return module.requires_grad_(False).eval()
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the file it would have replaced is untouched."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """A checkpoint would have held NaN or infinite weights; it was not written."""
+
+
+def non_finite_entries(state_dict: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of ``state_dict`` that hold a NaN or an inf."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(value.isfinite().all())
+    ]
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically: write a temporary file next to it, flush it to disk,
+    then rename it over ``path``. A crash, a kill or a full disk at any moment leaves either the
+    old file or the new one, complete, never a partial file.
+
+    Raises:
+        CheckpointWriteError: the write failed (the message names the path and the cause); the
+            temporary file is removed and ``path`` is unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            kept = "the previous file is untouched" if path.exists() else "nothing was written"
+            raise CheckpointWriteError(
+                err.errno, f"could not write checkpoint {path}: {err.strerror or err}; {kept}"
+            ) from err
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename is still atomic
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries that killed writers of ``path`` left (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with atomic writes (:func:`atomic_save`) that refuses to write
+    non-finite weights. ``train.py`` gives it to every trainer."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__} takes no storage_options, got {storage_options!r}"
+            )
+        bad = non_finite_entries(checkpoint.get("state_dict", {}))
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteWeightsError(
+                f"refusing to save {path} at step {checkpoint.get('global_step')}: the weights "
+                f"{shown} are not finite. The checkpoints written before are kept."
+            )
+        atomic_save(checkpoint, path)
