@@ -8,7 +8,9 @@ checkpoint alone, with no config files and no Hydra (DESIGN.md, "The model contr
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,31 +125,37 @@ def non_finite_entries(state_dict: dict[str, Any]) -> list[str]:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically: write a temporary file next to it, flush it to disk,
-    then rename it over ``path``. A crash, a kill or a full disk at any moment leaves either the
-    old file or the new one, complete, never a partial file.
+    """``torch.save`` to ``path`` atomically: serialize in memory (as Lightning does), write a
+    temporary file next to ``path``, flush it to disk, then rename it over ``path``. A crash, a
+    kill or a full disk at any moment leaves either the old file or the new one, complete, never
+    a partial file.
 
     Raises:
         CheckpointWriteError: the write failed (the message names the path and the cause); the
             temporary file is removed and ``path`` is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        buffer = io.BytesIO()  # serialize first, so that a failed write is a plain OSError
+        torch.save(obj, buffer)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
             kept = "the previous file is untouched" if path.exists() else "nothing was written"
-            raise CheckpointWriteError(
-                err.errno, f"could not write checkpoint {path}: {err.strerror or err}; {kept}"
-            ) from err
+            error = CheckpointWriteError(
+                f"could not write checkpoint {path}: {err.strerror or err}; {kept}"
+            )
+            error.errno = err.errno
+            raise error from err
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
