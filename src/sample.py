@@ -163,6 +163,8 @@ def read_prompts(prompt: str | ListConfig | None, prompts_file: str | None) -> l
     if prompt is None:
         return None
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError('prompt=[] is empty: give at least one, e.g. prompt="a red circle"')
     for i, text in enumerate(prompts):
         if not text.strip():
             where = "prompt" if isinstance(prompt, str) else f"prompt[{i}]"

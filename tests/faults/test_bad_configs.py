@@ -1,4 +1,4 @@
-"""A user's bad command line fails within seconds, before any data or model is built, with a
+"""Bad configs and prompts (part of the tests/faults/ suite): a user's bad command line fails within seconds, before any data or model is built, with a
 short message that names the offending key. (Literal and top-level types are covered in-process
 by tests/test_utils.py; each case here costs a Python start-up.)"""
 
@@ -24,6 +24,18 @@ CASES = [
     ("eval.py", [], "ckpt_path is mandatory"),
     ("sample.py", ["ckpt_path=model.ckpt", "prompt="], "prompt='' is empty"),
     ("sample.py", ["ckpt_path=model.ckpt", "n=many"], "n='many': expected int"),
+    ("sample.py", ["ckpt_path=model.ckpt", "prompt=[]"], "prompt=[] is empty"),
+    ("sample.py", ["ckpt_path=model.ckpt", "prompts_file=none.txt"], "none.txt"),
+    ("train.py", ["model=ldm"], "model.first_stage_ckpt is mandatory"),
+    (
+        "train.py",
+        ["model=imagen_sr", "model.low_res_size=null"],
+        "model.low_res_size=None: expected int",
+    ),
+    ("train.py", ["callbacks.nonfinite.policy=ignore"], "callbacks.nonfinite.policy='ignore'"),
+    ("train.py", ["callbacks.preemption.signals=[SIGFOO]"], "unknown signal names ['SIGFOO']"),
+    ("train.py", ["data=image_folder", "data.root=.", "data.bad_files=ignore"], "data.bad_files='ignore'"),
+    ("train.py", ["trainer=ddp_cpu", "trainer.devices=zero"], "trainer.devices"),
 ]
 
 
