@@ -34,7 +34,11 @@ CASES = [
     ),
     ("train.py", ["callbacks.nonfinite.policy=ignore"], "callbacks.nonfinite.policy='ignore'"),
     ("train.py", ["callbacks.preemption.signals=[SIGFOO]"], "unknown signal names ['SIGFOO']"),
-    ("train.py", ["data=image_folder", "data.root=.", "data.bad_files=ignore"], "data.bad_files='ignore'"),
+    (
+        "train.py",
+        ["data=image_folder", "data.root=.", "data.bad_files=ignore"],
+        "data.bad_files='ignore'",
+    ),
     ("train.py", ["trainer=ddp_cpu", "trainer.devices=zero"], "trainer.devices"),
 ]
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning import LightningDataModule
 from PIL import Image, ImageOps
@@ -325,7 +326,31 @@ def read_image(path: str | Path, *, channels: int = 3, min_size: int | None = No
     with Image.open(path) as image:
         if min_size is not None:
             image.draft(mode, (min_size, min_size))
-        return ImageOps.exif_transpose(image).convert(mode)
+        return to_mode(ImageOps.exif_transpose(image), mode)
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` as 8-bit ``mode`` (``RGB`` or ``L``), whatever it was stored as.
+
+    * transparency (RGBA, LA, a palette with a transparent index) is composited onto white, as
+      an image viewer shows it, instead of keeping the colours under the transparent pixels;
+    * 16- and 32-bit integer and float greys (``I;16``, ``I``, ``F``) are scaled to 0-255 by
+      their bit depth (PIL's own conversion clips them, which turns most 16-bit images white).
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" else 65535.0 if image.mode.startswith("I;16") else None
+        if top is None:  # 32-bit integers: by the range they use, 16 bits when they fit
+            top = 65535.0 if values.max(initial=0) > 255 else 255.0
+        scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        image = Image.fromarray(scaled, mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert(mode)
 
 
 def image_error(path: str | Path) -> str | None:

@@ -70,6 +70,7 @@ def read_captions_jsonl(path: Path) -> dict[Path, list[str]]:
             ``file_name`` and a ``text`` (or ``caption``) string, or that names a missing file.
     """
     captions: dict[Path, list[str]] = {}
+    empty = 0
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if line.strip():
@@ -78,7 +79,14 @@ def read_captions_jsonl(path: Path) -> dict[Path, list[str]]:
                     raise ValueError(
                         f"{path}:{number}: names {file!r}, which is not a file under {path.parent}"
                     )
-                captions.setdefault(Path(os.path.normpath(path.parent / file)), []).append(text)
+                if not text.strip():  # no caption: an image left with none is left out
+                    empty += 1
+                    continue
+                captions.setdefault(Path(os.path.normpath(path.parent / file)), []).append(
+                    text.strip()
+                )
+    if empty:
+        log.warning("%s: %d empty captions ignored", path, empty)
     return captions
 
 
