@@ -33,6 +33,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from genlab.diffusion.guidance import Thresholding
 from genlab.diffusion.samplers import Sampler
 from genlab.diffusion.schedules import cosine_log_snr
 from genlab.models.diffusion_model import DiffusionModel
@@ -201,6 +202,7 @@ class StageOptions:
     sampler: Sampler | str | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    thresholding: Thresholding | None = None
     aug_level: float | None = None  # super-resolution stages only
 
 
@@ -211,7 +213,7 @@ class ImagenCascade(L.LightningModule):
         stages: checkpoints: a text-conditional base model (``model=imagen_base`` or any
             text-conditional diffusion model), then ``imagen_sr`` stages whose ``low_res_size``
             is the previous stage's ``image_size``.
-        options: per stage, ``{sampler, steps, guidance_scale, aug_level}`` (missing or None:
+        options: per stage, ``{sampler, steps, guidance_scale, thresholding, aug_level}`` (missing or None:
             the stage's own); a list as long as ``stages``, or empty.
     """
 
@@ -259,7 +261,9 @@ class ImagenCascade(L.LightningModule):
             sampler = stage.resolve_sampler(opts.sampler, opts.steps)
             scale = stage.guidance_scale if opts.guidance_scale is None else opts.guidance_scale
             entry = {"size": stage.image_size, "sampler": str(sampler), "guidance_scale": scale}
-            entry["thresholding"] = (i == 0 and given.get("thresholding")) or stage.thresholding
+            entry["thresholding"] = (
+                (i == 0 and given.get("thresholding")) or opts.thresholding or stage.thresholding
+            )
             if isinstance(stage, ImagenSR):
                 level = stage.sample_aug_level if opts.aug_level is None else opts.aug_level
                 entry["aug_level"] = level
@@ -301,5 +305,10 @@ class ImagenCascade(L.LightningModule):
 
 def stage_kwargs(opts: StageOptions) -> dict[str, Any]:
     """The ``generate`` keywords that a stage's options set."""
-    kwargs = {"sampler": opts.sampler, "steps": opts.steps, "guidance_scale": opts.guidance_scale}
+    kwargs = {
+        "sampler": opts.sampler,
+        "steps": opts.steps,
+        "guidance_scale": opts.guidance_scale,
+        "thresholding": opts.thresholding,
+    }
     return {k: v for k, v in kwargs.items() if v is not None}
