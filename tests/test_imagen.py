@@ -239,7 +239,10 @@ def stages(tmp_path_factory) -> list[Path]:
 def test_cascade_has_the_final_resolution_and_is_reproducible(stages) -> None:
     cascade = ImagenCascade(
         stages=[str(p) for p in stages],
-        options=[{"steps": 2, "guidance_scale": 4.0}, {"steps": 2, "aug_level": 0.2}],
+        options=[
+            {"steps": 2, "guidance_scale": 4.0},
+            {"steps": 2, "aug_level": 0.2, "thresholding": "dynamic"},
+        ],
     ).eval()
     assert (cascade.image_size, cascade.channels) == (32, 3)
     prompts = ["a red circle", "a small blue square at the top left"]
@@ -253,13 +256,14 @@ def test_cascade_has_the_final_resolution_and_is_reproducible(stages) -> None:
         n=2,
         generator=torch.Generator().manual_seed(3),
         guidance_scale=1.0,
-        thresholding="static",
-    )  # overrides the base stage's guidance 4 and dynamic thresholding
+        thresholding="none",
+    )  # overrides the base stage's guidance 4 and static thresholding (the shapes recipe's)
     assert not torch.equal(unguided, first)
-    swept = cascade.sampling_protocol({"guidance_scale": 1.0, "thresholding": "static"})
+    assert cascade.sampling_protocol({})["stages"][0]["thresholding"] == "static"
+    swept = cascade.sampling_protocol({"guidance_scale": 1.0, "thresholding": "none"})
     assert swept["stages"][0]["guidance_scale"] == 1.0
-    assert swept["stages"][0]["thresholding"] == "static"
-    assert swept["stages"][1]["thresholding"] == "dynamic"
+    assert swept["stages"][0]["thresholding"] == "none"
+    assert swept["stages"][1]["thresholding"] == "dynamic"  # the SR stage's option
     protocol = cascade.sampling_protocol({})
     assert [s["size"] for s in protocol["stages"]] == [16, 32]
     assert protocol["stages"][1]["aug_level"] == 0.2

@@ -1,5 +1,7 @@
 """Hydra multirun: a grid of two jobs in two folders, an Optuna sweep of two trials that
-optimizes the metric train.py returns, and the tag requirement of sweeps."""
+optimizes the metric train.py returns, the tag requirement of sweeps; and the sweep faults of
+the reliability suite: a failing job does not stop the others, and DDP jobs write one folder and
+one W&B run each."""
 
 from __future__ import annotations
 
@@ -68,3 +70,46 @@ def test_optuna_sweep_two_trials(tmp_path: Path) -> None:
         "model.ema_decay",
     }
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def test_a_failing_job_does_not_stop_the_multirun(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "multirun"
+    result = run_entry(
+        "train.py",
+        "-m",
+        *QUICK,
+        "trainer.max_steps=abc,4",  # job 0 fails on its config, job 1 trains
+        "tags=[fault]",
+        f"hydra.sweep.dir={sweep_dir}",
+        tmp_path=tmp_path,
+    )
+    assert result.returncode != 0  # the multirun says a job failed ...
+    out = result.stdout + result.stderr
+    assert "trainer.max_steps='abc': expected int" in out
+    assert "Error executing job with overrides: ['trainer.max_steps=abc'" in out
+    assert (sweep_dir / "1" / "checkpoints" / "last.ckpt").is_file()  # ... after running the rest
+
+
+def test_ddp_jobs_of_a_multirun_write_one_folder_and_one_wandb_run_each(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "multirun"
+    result = run_entry(
+        "train.py",
+        "-m",
+        *QUICK,
+        "trainer=ddp_cpu",
+        "logger=wandb",
+        "model.optimizer.lr=1e-4,3e-4",
+        "tags=[ddp_sweep]",
+        f"hydra.sweep.dir={sweep_dir}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    folders = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert folders == ["0", "1"], folders
+    ids = set()
+    for job in folders:
+        assert (sweep_dir / job / "train_ddp_process_1.log").is_file()  # rank 1 wrote here
+        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
+        ids.add((sweep_dir / job / "wandb_id.txt").read_text().strip())
+    assert len(ids) == 2
+    assert not (tmp_path / "logs").exists()  # no stray per-rank run folder

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from genlab.callbacks.preemption import Preempted
 from genlab.utils.rank_logging import RankedLogger
 from genlab.utils.rich_utils import enforce_tags, print_config_tree
 
@@ -50,29 +51,35 @@ def task_wrapper(task: Callable[[DictConfig], TaskResult]) -> Callable[[DictConf
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> TaskResult:
-        failed = True
+        failed, preempted = True, False
         try:
             result = task(cfg)
             failed = False
             return result
+        except Preempted:
+            preempted = True  # a clean stop: its message is logged, no traceback
+            raise
         except Exception:
             log.exception("task failed")
             raise
         finally:
-            close_loggers(failed=failed)
+            close_loggers(failed=failed, preempted=preempted)
             log.info(f"output dir: {cfg.paths.output_dir}")
 
     return wrapped
 
 
-def close_loggers(*, failed: bool = False) -> None:
-    """Finish the active W&B run, if W&B was imported (marked failed with exit code 1)."""
+def close_loggers(*, failed: bool = False, preempted: bool = False) -> None:
+    """Finish the active W&B run, if W&B was imported: marked failed with exit code 1, or
+    preempting (W&B shows it as preempted, and the resumed run continues it)."""
     if "wandb" not in sys.modules:
         return
     import wandb
 
     if wandb.run is not None:
         log.info("closing the W&B run")
+        if preempted:
+            wandb.mark_preempting()
         wandb.finish(exit_code=1 if failed else 0)
 
 
