@@ -16,14 +16,13 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from genlab.callbacks.preemption import Preempted
 from genlab.callbacks.step_seeds import StepSeeds
 from genlab.utils.checkpoint import AtomicCheckpointIO, ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from genlab.utils.logging_utils import log_hyperparameters
 from genlab.utils.rank_logging import RankedLogger
-from genlab.utils.task import TaskResult, extras, get_metric_value, task_wrapper
+from genlab.utils.task import Preempted, TaskResult, extras, get_metric_value, task_wrapper
 from genlab.utils.validation import ConfigError, validate_config
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))

@@ -29,16 +29,9 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from genlab.utils.rank_logging import RankedLogger
+from genlab.utils.task import Preempted
 
 log = RankedLogger(__name__, rank_zero_only=False)
-
-
-class Preempted(Exception):
-    """The run stopped on a signal after saving its checkpoint."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
 
 
 class Preemption(L.Callback):

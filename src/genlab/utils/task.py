@@ -15,13 +15,21 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from genlab.callbacks.preemption import Preempted
 from genlab.utils.rank_logging import RankedLogger
 from genlab.utils.rich_utils import enforce_tags, print_config_tree
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
 TaskResult = tuple[dict[str, Any], dict[str, Any]]
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving its checkpoint (``callbacks/preemption.py``);
+    ``train.py`` exits with status 128 + ``signum``."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def extras(cfg: DictConfig) -> None:
