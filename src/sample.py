@@ -5,7 +5,8 @@
 order next to it (``.txt``). Prompts come from ``prompt`` (a string or a list) or
 ``prompts_file`` (one per line); with neither, an unconditional model draws ``n`` images.
 ``sampler=heun`` (any of ``conf/sampler/``) replaces the checkpoint's sampler; ``labels``,
-``classifier_ckpt`` (classifier guidance) and ``inpaint_image``/``inpaint_mask`` (inpainting) are
+``classifier_ckpt`` (classifier guidance), ``inpaint_image``/``inpaint_mask`` (inpainting) and an
+unCLIP decoder's ``variations_of`` / ``interpolate`` (image variations and interpolations) are
 documented in ``conf/sample.yaml``.
 """
 
@@ -39,6 +40,7 @@ SAMPLING_KEYS = (
     "top_k",
     "top_p",
     "n_candidates",
+    "truncation",
 )
 TOP_LEVEL = {
     "task_name": str,
@@ -55,12 +57,15 @@ TOP_LEVEL = {
     "top_k": int | None,
     "top_p": float | None,
     "n_candidates": int | None,
+    "truncation": float | None,
     "clip_ckpt": str | None,
     "labels": list[int] | None,
     "classifier_ckpt": str | None,
     "classifier_scale": float,
     "inpaint_image": str | None,
     "inpaint_mask": str | None,
+    "variations_of": str | list[str] | None,
+    "interpolate": list[str] | None,
     "device": str,
     "out": str,
 }
@@ -91,26 +96,83 @@ def sample(cfg: DictConfig) -> TaskResult:
         size = (model.image_size, model.image_size)
         options["known"] = read_image(cfg.inpaint_image, size, model.channels)[None] * 2 - 1
         options["mask"] = (read_image(cfg.inpaint_mask, size, 1)[None] > 0.5).float()
+    from_images = image_sources(cfg, model, prompts)
+    out = Path(cfg.out)
     if cfg.get("clip_ckpt") is not None:
         if not callable(getattr(model, "use_clip", None)):
             raise ValueError(f"clip_ckpt: {type(model).__name__} does not rank candidates")
         model.use_clip(cfg.clip_ckpt, key="clip_ckpt")
-    takes = inspect.signature(model.generate).parameters
+    takes = accepted_keywords(getattr(model, "decoder", model) if from_images else model)
     for key in options:
         if key not in takes:
             raise ValueError(
                 f"{key}={options[key]!r}: {type(model).__name__} does not take it (leave it null)"
             )
-    log.info(f"drawing {cfg.n} image(s) per prompt for {len(prompts or [None])} prompt(s)")
-    images = model.generate(prompts, n=cfg.n, generator=generator, **options)
-    out = Path(cfg.out)
-    save_image_grid(images, out, nrow=cfg.n if prompts else None)
+    if from_images is not None:
+        method, sources = from_images
+        log.info(f"{method}: {len(sources)} image(s), n={cfg.n}")
+        drawn = getattr(model, method)(sources, n=cfg.n, generator=generator, **options)
+        if method == "variations":  # each source image, then its n variations
+            rows = [
+                torch.cat([src[None], drawn[i * cfg.n : (i + 1) * cfg.n]])
+                for i, src in enumerate(sources)
+            ]
+            images, nrow = torch.cat(rows), cfg.n + 1
+        else:  # the two images at the ends of the interpolation
+            images, nrow = torch.cat([sources[:1], drawn, sources[1:]]), cfg.n + 2
+        save_image_grid(images, out, nrow=nrow)
+    else:
+        log.info(f"drawing {cfg.n} image(s) per prompt for {len(prompts or [None])} prompt(s)")
+        images = model.generate(prompts, n=cfg.n, generator=generator, **options)
+        save_image_grid(images, out, nrow=cfg.n if prompts else None)
     if prompts:
         out.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
     weights = "EMA" if getattr(model, "uses_ema", False) else "raw"
     log.info(f"{len(images)} images ({weights} weights) written to {out}")
     print(f"samples written to {out}")
     return {}, {"cfg": cfg, "model": model, "images": images}
+
+
+def accepted_keywords(model) -> set[str]:
+    """The keywords ``model.generate`` takes, following ``**kwargs`` up the class hierarchy to
+    the first definition that names all of its own."""
+    names: set[str] = set()
+    for cls in type(model).__mro__:
+        fn = cls.__dict__.get("generate")
+        if fn is None:
+            continue
+        params = inspect.signature(fn).parameters.values()
+        names |= {
+            p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+        }
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def image_sources(cfg: DictConfig, model, prompts) -> tuple[str, torch.Tensor] | None:
+    """``("variations", images)`` or ``("interpolate", two images)`` read at the model's size in
+    [-1, 1], or None when neither ``variations_of`` nor ``interpolate`` is set."""
+    variations, interpolate = cfg.get("variations_of"), cfg.get("interpolate")
+    if variations is None and interpolate is None:
+        return None
+    if variations is not None and interpolate is not None:
+        raise ValueError("give variations_of=... or interpolate=[a,b], not both")
+    method = "variations" if variations is not None else "interpolate"
+    if not callable(getattr(model, method, None)):
+        raise ValueError(
+            f"{'variations_of' if variations is not None else 'interpolate'}: "
+            f"{type(model).__name__} cannot do it (an unCLIP decoder or model=unclip can)"
+        )
+    if prompts is not None:
+        raise ValueError(f"{method} start from images: leave prompt and prompts_file out")
+    paths = [variations] if isinstance(variations, str) else list(variations or interpolate)
+    if method == "interpolate" and len(paths) != 2:
+        raise ValueError(f"interpolate={paths}: give exactly two images, interpolate=[a.png,b.png]")
+    if not paths:
+        raise ValueError("variations_of=[]: give at least one image")
+    size = (model.image_size, model.image_size)
+    return method, torch.stack([read_image(p, size, model.channels) * 2 - 1 for p in paths])
 
 
 def load_model(cfg: DictConfig, device: str):

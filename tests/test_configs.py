@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT
+from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer
 from genlab.diffusion.samplers import Sampler
 from genlab.utils.checkpoint import MODEL_CONFIG_KEY
 from genlab.utils.instantiate import instantiate
@@ -36,9 +37,15 @@ MANDATORY = {
     ("experiment", "dalle_coco"): ["model.tokenizer_ckpt=dvae.ckpt"],
     ("model", "imagen_sr"): ["model.low_res_size=16"],
     ("model", "imagen_cascade"): ["model.stages=[base.ckpt,sr.ckpt]"],
+    ("model", "unclip"): ["model.prior_ckpt=prior.ckpt", "model.decoder_ckpt=decoder.ckpt"],
 }
 # models built on a frozen checkpoint: the key that names it and the model that makes it
-FROZEN_PART = {"ldm": ("first_stage_ckpt", "vae"), "dalle": ("tokenizer_ckpt", "dvae")}
+FROZEN_PART = {
+    "ldm": ("first_stage_ckpt", "vae"),
+    "dalle": ("tokenizer_ckpt", "dvae"),
+    "unclip_prior": ("clip_ckpt", "clip"),
+    "unclip_decoder": ("clip_ckpt", "clip"),
+}
 
 
 def options(group: str) -> list[str]:
@@ -113,11 +120,12 @@ def test_hparams_search_params_are_config_keys(search: str, tmp_path: Path) -> N
     assert cfg.optimized_metric == "val/loss"
 
 
-NOT_GENERATIVE = {"noisy_classifier", "shapes_oracle", "clip"}  # evaluators and guides
+NOT_GENERATIVE = {"noisy_classifier", "shapes_oracle", "clip", "unclip_prior"}  # evaluators, guides, priors
 FIRST_STAGES = {"vqgan", "vqvae", "dvae"}  # reconstruct; the VAEs also generate
 
 
-ASSEMBLED = {"imagen_cascade"}  # built from trained stages' checkpoints: tests/test_imagen.py
+# built from trained stages' checkpoints: tests/test_imagen.py, tests/test_unclip.py
+ASSEMBLED = {"imagen_cascade", "unclip"}
 
 
 @pytest.mark.parametrize("model", sorted(set(options("model")) - ASSEMBLED))
@@ -140,7 +148,11 @@ def untrained_checkpoint(model: str, tmp_path: Path) -> Path:
         compose_cfg("train.yaml", [f"model={model}"], tmp_path).model, resolve=True
     )
     path = tmp_path / f"{model}.ckpt"
-    torch.save({MODEL_CONFIG_KEY: config, "state_dict": instantiate(config).state_dict()}, path)
+    ckpt = {MODEL_CONFIG_KEY: config, "state_dict": instantiate(config).state_dict()}
+    if model == "clip":  # a CLIP is used with the tokenizer it was trained with
+        tokenizer = BPETokenizer.train(["a red circle", "a blue square at the top"], vocab_size=64)
+        ckpt[TOKENIZER_KEY] = tokenizer.to_json()
+    torch.save(ckpt, path)
     return path
 
 

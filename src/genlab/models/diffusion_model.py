@@ -375,6 +375,7 @@ class DiffusionModel(L.LightningModule):
         classifier_scale: float = 1.0,
         known: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        x_T: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draw images in [-1, 1], shaped (N, C, H, W), with the EMA weights when there are any.
 
@@ -387,6 +388,8 @@ class DiffusionModel(L.LightningModule):
         ``labels`` with ``classifier_scale`` (Dhariwal & Nichol 2021); an unconditional model
         then draws one image per label. ``known`` (N or 1, C, H, W) with ``mask`` (1 = keep,
         broadcastable to it) inpaints: the masked region of the output equals ``known``.
+        ``x_T`` (N or 1, *sample_shape) replaces the starting noise drawn from ``generator``
+        (e.g. one x_T for every image of an interpolation).
         """
         spec = self.resolve_sampler(sampler, steps)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
@@ -396,8 +399,16 @@ class DiffusionModel(L.LightningModule):
         shape = (len(conds), *self.sample_shape)
         if known is not None:
             known, mask = self.check_inpainting(known, mask, shape)
-        noise_device = "cpu" if generator is None else generator.device
-        noise = torch.randn(shape, generator=generator, device=noise_device)  # x_T, (N, C, H, W)
+        if x_T is None:
+            noise_device = "cpu" if generator is None else generator.device
+            noise = torch.randn(shape, generator=generator, device=noise_device)  # (N, C, H, W)
+        elif x_T.dim() != len(shape) or x_T.shape[1:] != shape[1:] or len(x_T) not in (1, shape[0]):
+            raise ValueError(
+                f"x_T of shape {tuple(x_T.shape)} must be (1 or {shape[0]}, "
+                f"{', '.join(map(str, shape[1:]))})"
+            )
+        else:
+            noise = x_T.float().expand(shape)
         chunks = []
         for start in range(0, len(conds), self.sample_batch_size):
             part = slice(start, start + self.sample_batch_size)
@@ -410,8 +421,10 @@ class DiffusionModel(L.LightningModule):
             if known is not None:
                 part_known = known[part] if len(known) > 1 else known
                 denoiser = inpainting(denoiser, part_known.to(self.device), mask.to(self.device))
-            x_T = noise[part].to(self.device)
-            chunks.append(self.to_images(spec(denoiser, x_T, generator=generator)).float().cpu())
+            x_start = noise[part].to(self.device)
+            chunks.append(
+                self.to_images(spec(denoiser, x_start, generator=generator)).float().cpu()
+            )
         return torch.cat(chunks).clamp(-1, 1)
 
     def resolve_sampler(self, sampler: Sampler | str | None, steps: int | None) -> Sampler:
@@ -490,13 +503,18 @@ class DiffusionModel(L.LightningModule):
             return {"labels": torch.tensor(labels, device=self.device)}
         return {}
 
+    def guided(self, guidance_scale: float) -> bool:
+        """Whether sampling at this scale runs classifier-free guidance (a conditional model
+        and a scale other than 1)."""
+        return self.condition != "none" and guidance_scale != 1.0
+
     def sampling_denoiser(
         self, conds: list, *, guidance_scale: float, thresholding: Thresholding
     ) -> Denoiser:
         """The (EMA) network as a ``Denoiser`` for the given conditions, with classifier-free
         guidance when the scale is not 1 and the model is conditional, then thresholding."""
         weights = self.eval_weights()
-        guided = self.condition != "none" and guidance_scale != 1.0
+        guided = self.guided(guidance_scale)
         net_kwargs = self.condition_inputs(weights, **self.condition_kwargs(conds, guided))
 
         def net_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
