@@ -120,7 +120,12 @@ def test_hparams_search_params_are_config_keys(search: str, tmp_path: Path) -> N
     assert cfg.optimized_metric == "val/loss"
 
 
-NOT_GENERATIVE = {"noisy_classifier", "shapes_oracle", "clip", "unclip_prior"}  # evaluators, guides, priors
+NOT_GENERATIVE = {
+    "noisy_classifier",
+    "shapes_oracle",
+    "clip",
+    "unclip_prior",
+}  # evaluators, guides, priors
 FIRST_STAGES = {"vqgan", "vqvae", "dvae"}  # reconstruct; the VAEs also generate
 
 
