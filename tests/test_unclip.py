@@ -400,3 +400,41 @@ def test_the_pair_needs_one_clip_and_a_changed_clip_is_refused(clip_ckpt, tmp_pa
     perturbed_copy(clip_ckpt, other, 0.02)  # the decoder's CLIP file changes after training
     with pytest.raises(ValueError, match="has changed since this model was trained"):
         load(decoder_ckpt)
+
+
+@pytest.mark.slow
+def test_variations_stay_closer_to_their_image_than_to_another(tmp_path) -> None:
+    """The recipes' CLIP and decoder, shortened (about 8 minutes on 2 cores): decoded from an
+    image's CLIP embedding, variations stay nearer that image in CLIP space than another one."""
+    from genlab.metrics.evaluators import ensure_evaluator
+    from genlab.utils.checkpoint import load
+
+    clip = ensure_evaluator(
+        tmp_path / "clip.ckpt",
+        ["experiment=clip_shapes", "trainer.max_steps=300", "callbacks.rich_progress_bar=null"],
+        name="clip_shapes",
+    )
+    run_dir = tmp_path / "decoder"
+    result = run_entry(
+        "train.py",
+        "experiment=unclip_decoder_shapes",
+        f"model.clip_ckpt={clip}",
+        "trainer.max_steps=400",
+        "callbacks.rich_progress_bar=null",
+        f"hydra.run.dir={run_dir}",
+        tmp_path=tmp_path,
+        timeout=1200,
+    )
+    check_ok(result)
+    decoder = load(run_dir / "checkpoints" / "last.ckpt")
+    data = shapes_data(32, test_size=16)
+    data.setup("test")
+    sources = torch.stack([data.data_test[i]["image"] for i in range(16)])
+    g = torch.Generator().manual_seed(0)
+    variations = decoder.variations(sources, n=2, steps=20, generator=g)
+    z_var = decoder.clip.encode_images(variations).view(16, 2, -1)
+    z_src = decoder.clip.encode_images(sources)
+    own = (z_var * z_src[:, None]).sum(-1)
+    other = (z_var * z_src.roll(1, dims=0)[:, None]).sum(-1)
+    assert (own > other).float().mean() >= 0.9
+    assert own.mean() > other.mean() + 0.3

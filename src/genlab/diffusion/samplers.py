@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -280,3 +280,13 @@ class Sampler:
             churn_noise=self.churn_noise,
             generator=generator,
         )
+
+
+def resolve_sampler(own: Sampler, sampler: Sampler | str | None, steps: int | None) -> Sampler:
+    """``own`` (a model's sampler), another sampler, or one by name (that sampler's defaults);
+    with ``steps`` replaced if given."""
+    if sampler is None:
+        sampler = own
+    elif isinstance(sampler, str):
+        sampler = Sampler(name=sampler) if sampler != own.name else own
+    return sampler if steps is None else replace(sampler, steps=steps)

@@ -18,7 +18,6 @@ moving average of the weights is kept and used for sampling and evaluation.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -38,7 +37,7 @@ from genlab.diffusion.guidance import (
 )
 from genlab.diffusion.losses import bits_per_dim, min_snr_weight, mse_per_sample, vlb_term_bits
 from genlab.diffusion.parametrization import Prediction, q_sample, target, to_x0_eps
-from genlab.diffusion.samplers import Sampler
+from genlab.diffusion.samplers import Sampler, resolve_sampler
 from genlab.diffusion.schedules import Schedule, ScheduleName
 from genlab.nn.ema import EMA
 from genlab.utils.lr_schedule import optimizers
@@ -429,11 +428,7 @@ class DiffusionModel(L.LightningModule):
 
     def resolve_sampler(self, sampler: Sampler | str | None, steps: int | None) -> Sampler:
         """The model's sampler, another one, or one by name; with ``steps`` replaced if given."""
-        if sampler is None:
-            sampler = self.sampler
-        elif isinstance(sampler, str):
-            sampler = Sampler(name=sampler) if sampler != self.sampler.name else self.sampler
-        return sampler if steps is None else dataclasses.replace(sampler, steps=steps)
+        return resolve_sampler(self.sampler, sampler, steps)
 
     def check_inpainting(self, known, mask, shape):
         """``known`` and ``mask`` as float tensors that broadcast to the images drawn."""

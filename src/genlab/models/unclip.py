@@ -44,7 +44,6 @@ missing CLIP checkpoint is built first, as the generative-metrics callback build
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -59,7 +58,7 @@ from genlab.diffusion.denoiser import broadcast, from_network
 from genlab.diffusion.guidance import classifier_free_guidance
 from genlab.diffusion.losses import mse_per_sample
 from genlab.diffusion.parametrization import Prediction, q_sample, target
-from genlab.diffusion.samplers import Sampler
+from genlab.diffusion.samplers import Sampler, resolve_sampler
 from genlab.diffusion.schedules import Schedule, ScheduleName
 from genlab.metrics.evaluators import ensure_evaluator
 from genlab.metrics.extractors import file_version
@@ -375,15 +374,6 @@ class UnCLIPPrior(FrozenCLIP, L.LightningModule):
         spec = resolve_sampler(self.sampler, given.get("sampler"), given.get("steps"))
         k = given.get("candidates") or self.candidates
         return {"sampler": str(spec), "guidance_scale": scale, "candidates": k}
-
-
-def resolve_sampler(own: Sampler, sampler: Sampler | str | None, steps: int | None) -> Sampler:
-    """``own``, another sampler, or one by name; with ``steps`` replaced if given."""
-    if sampler is None:
-        sampler = own
-    elif isinstance(sampler, str):
-        sampler = Sampler(name=sampler) if sampler != own.name else own
-    return sampler if steps is None else dataclasses.replace(sampler, steps=steps)
 
 
 # ----------------------------------------------------------------------------------------------
