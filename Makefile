@@ -19,10 +19,10 @@ train: setup
 	$(BIN)/python src/train.py $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests bench && $(BIN)/ruff format --check src tests bench

@@ -879,7 +879,7 @@ def test_heun_churn_outside_its_sigma_window_is_alg1():
             {"churn": 3, "churn_noise": 1.01},
         ),
     ],
-    ids=str,
+    ids=["ddpm", "ddim", "dpmpp_2m", "euler", "heun"],  # stable across processes (pytest-xdist)
 )
 def test_sampler_config_dispatches_and_counts_evaluations(sampler, function, kwargs):
     schedule = Schedule("cosine", 1000)
