@@ -227,12 +227,11 @@ class UnCLIPPrior(FrozenCLIP, L.LightningModule):
 
     # ------------------------------------------------------------------------------------------
     # the denoiser
-    def conditioning(self, captions: list[str], drop: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The network's text keywords (z_t scaled like x0); rows where ``drop`` is True get
-        the null condition."""
-        text = self.text_features(captions)
-        text["text_embed"] = text["text_embed"] * self.embed_scale
-        return text | {"drop": drop.to(text["text_mask"].device)}
+    def conditioning(self, text: dict[str, torch.Tensor], drop: torch.Tensor) -> dict:
+        """The network's keywords from :meth:`text_features` (z_t scaled like x0); rows where
+        ``drop`` is True get the null condition."""
+        scaled = text["text_embed"] * self.embed_scale
+        return text | {"text_embed": scaled, "drop": drop.to(scaled.device)}
 
     def loss(self, z: torch.Tensor, t, eps, text: dict, net: nn.Module) -> torch.Tensor:
         """Per-sample MSE of the prediction at times t with noise eps; z (B, d) unit vectors."""
@@ -249,7 +248,8 @@ class UnCLIPPrior(FrozenCLIP, L.LightningModule):
         t = self.schedule.sample_t(b, device=self.device)
         eps = torch.randn(z.shape, device=self.device)
         drop = torch.rand(b, device=self.device) < self.cond_drop_prob
-        loss = self.loss(z, t, eps, self.conditioning(captions, drop), self.net).mean()
+        text = self.conditioning(self.text_features(captions), drop)
+        loss = self.loss(z, t, eps, text, self.net).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -275,7 +275,8 @@ class UnCLIPPrior(FrozenCLIP, L.LightningModule):
         t = torch.cat([self.schedule.sample_t(1, generator=g) for g in gens]).to(self.device)
         eps = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens]).to(self.device)
         no_drop = torch.zeros(len(z), dtype=torch.bool)
-        loss = self.loss(z, t, eps, self.conditioning(captions, no_drop), self.eval_net())
+        text = self.conditioning(self.text_features(captions), no_drop)
+        loss = self.loss(z, t, eps, text, self.eval_net())
         self.log(f"{stage}/loss", loss.mean(), batch_size=len(z), sync_dist=True, prog_bar=True)
         keep = (batch["index"] < self.eval_samples).tolist()
         if not any(keep):
@@ -349,11 +350,13 @@ class UnCLIPPrior(FrozenCLIP, L.LightningModule):
             part = captions[start : start + per_chunk]
             noise = x_T[start : start + per_chunk].to(self.device)  # (B, k, d)
             b, k, d = noise.shape
-            rows = [c for c in part for _ in range(k)]
+            features = self.text_features(part)  # each caption encoded once
+            rows = {key: value.repeat_interleave(k, dim=0) for key, value in features.items()}
             guided = scale != 1.0
-            drop = torch.zeros(len(rows), dtype=torch.bool)
+            drop = torch.zeros(b * k, dtype=torch.bool)
             if guided:  # the unconditional half: the same captions, dropped
-                rows, drop = rows + rows, torch.cat([drop, torch.ones_like(drop)])
+                rows = {key: torch.cat([value, value]) for key, value in rows.items()}
+                drop = torch.cat([drop, torch.ones_like(drop)])
             text = self.conditioning(rows, drop)
 
             def net_fn(x_t: torch.Tensor, t: torch.Tensor, text=text) -> torch.Tensor:
@@ -364,7 +367,7 @@ class UnCLIPPrior(FrozenCLIP, L.LightningModule):
                 denoiser = classifier_free_guidance(denoiser, scale)
             z = F.normalize(spec(denoiser, noise.reshape(b * k, d), generator=generator), dim=-1)
             z = z.float().view(b, k, d)
-            z_t = self.text_features(part)["text_embed"].to(z.device)  # (B, d)
+            z_t = features["text_embed"].to(z.device)  # (B, d)
             best = (z * z_t[:, None]).sum(-1).argmax(1)  # (B,)
             out.append(z[torch.arange(b), best].cpu())
         return torch.cat(out)
