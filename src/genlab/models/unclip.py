@@ -275,20 +275,20 @@ class UnCLIPPrior(FrozenCLIP, L.LightningModule):
         t = torch.cat([self.schedule.sample_t(1, generator=g) for g in gens]).to(self.device)
         eps = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens]).to(self.device)
         no_drop = torch.zeros(len(z), dtype=torch.bool)
-        text = self.conditioning(self.text_features(captions), no_drop)
-        loss = self.loss(z, t, eps, text, self.eval_net())
+        features = self.text_features(captions)
+        loss = self.loss(z, t, eps, self.conditioning(features, no_drop), self.eval_net())
         self.log(f"{stage}/loss", loss.mean(), batch_size=len(z), sync_dist=True, prog_bar=True)
         keep = (batch["index"] < self.eval_samples).tolist()
         if not any(keep):
             return
         kept = [c for c, k in zip(captions, keep, strict=True) if k]
         z = z[torch.tensor(keep, device=z.device)]
+        z_t = features["text_embed"][torch.tensor(keep, device=features["text_embed"].device)]
         x_T = torch.stack([torch.randn(1, z.shape[1], generator=g) for g in gens])  # (B, 1, d)
         x_T = x_T[torch.tensor(keep)]  # drawn after t and ε from each item's generator
         sampled = self.draw(kept, x_T, spec=self.sampler, scale=self.guidance_scale)
-        text = self.text_features(kept)["text_embed"]
         self.metrics[f"{stage}_embed"].update((sampled.to(z.device) * z).sum(-1))
-        self.metrics[f"{stage}_text"].update((text.to(z.device) * z).sum(-1))
+        self.metrics[f"{stage}_text"].update((z_t.to(z.device) * z).sum(-1))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.evaluation_step(batch, "val")
@@ -508,11 +508,10 @@ class UnCLIPDecoder(FrozenCLIP, DiffusionModel):
                     f"pass one prompt per image embedding ({len(embeds)}) as a list, or none"
                 )
         self.sampling_embeds = F.normalize(embeds, dim=-1).to(self.device)
-        self.sampling_prompts = prompts
         try:
             return super().generate(prompts, n=n, generator=generator, **kwargs)
         finally:
-            self.sampling_embeds = self.sampling_prompts = None
+            self.sampling_embeds = None
 
     def generation_conditions(self, prompts, n, labels, generator, classifier=None) -> list:
         """(caption, embedding row) per image: ``n`` per embedding; "" is the null caption."""
