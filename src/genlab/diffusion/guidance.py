@@ -8,7 +8,7 @@ classifier guidance, then thresholding, then inpainting.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -18,15 +18,31 @@ from genlab.diffusion.parametrization import eps_from_x0
 Thresholding = Literal["none", "static", "dynamic"]
 
 
-def classifier_free_guidance(pair: Denoiser, scale: float) -> Denoiser:
+def guidance_pair(cond: dict[str, Any], null: dict[str, Any]) -> dict[str, Any]:
+    """The network inputs of the batch doubled as [cond; null]: each input concatenated along the
+    batch (None stays None). The only place genlab builds the pair, so a negative prompt is only
+    another ``null``."""
+    if cond.keys() != null.keys():
+        raise ValueError(f"conditional inputs {sorted(cond)} and null inputs {sorted(null)} differ")
+    return {k: None if v is None else torch.cat([v, null[k].to(v)]) for k, v in cond.items()}
+
+
+def classifier_free_guidance(
+    denoiser_for: Callable[[dict[str, Any]], Denoiser],
+    cond: dict[str, Any],
+    null: dict[str, Any],
+    scale: float,
+) -> Denoiser:
     """ε̃ = ε_u + w (ε_c - ε_u) (Ho & Salimans 2022, Eq. 6, with w = 1 + their w).
 
-    ``pair`` is evaluated once on the batch doubled as [x; x], whose first half it conditions on
-    the prompts and whose second half on the null condition, so both predictions come from one
-    batched forward. x̂0 is mixed the same way (it is affine in ε̂ at fixed x_t, so the pair stays
-    consistent). A learned variance is taken from the conditional half (Nichol et al. 2022,
-    GLIDE). ``scale = 1`` is the conditional model; ``scale = 0`` the unconditional one.
+    ``denoiser_for(inputs)`` is the network as a denoiser for given condition inputs; it is
+    evaluated once on the batch doubled as [x; x] with the inputs [cond; null]
+    (:func:`guidance_pair`), so both predictions come from one batched forward. x̂0 is mixed the
+    same way (it is affine in ε̂ at fixed x_t, so the pair stays consistent). A learned variance
+    is taken from the conditional half (Nichol et al. 2022, GLIDE). ``scale = 1`` is the
+    conditional model; ``scale = 0`` the one given ``null``.
     """
+    pair = denoiser_for(guidance_pair(cond, null))
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> DenoiserOutput:
         out = pair(torch.cat([x, x]), torch.cat([t, t]))

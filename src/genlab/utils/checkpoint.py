@@ -73,6 +73,9 @@ def model_from_checkpoint(
     For callers that also need the checkpoint's other entries (its stored data config), so the
     file is read once.
     """
+    from genlab.utils.legacy import upgrade  # checkpoints from before the diffusion redesign
+
+    upgrade(ckpt)
     model = instantiate(ckpt[MODEL_CONFIG_KEY])
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"])

@@ -1,0 +1,677 @@
+"""The diffusion system: one LightningModule for every diffusion model of genlab.
+
+DDPM (Ho et al. 2020), latent diffusion (Rombach et al. 2022), each Imagen stage (Saharia et al.
+2022) and the unCLIP decoder (Ramesh et al. 2022) are configs of :class:`DiffusionModel`; what
+differs between them is injected, never subclassed:
+
+* a **space** (``spaces.py``): the pixels, or the scaled latents of a frozen first stage;
+* **conditioners** (``conditioners.py``): the caption through any text encoder, or a class label
+  (``condition``), plus e.g. the low-resolution image of a super-resolution stage or the CLIP
+  image embedding of the unCLIP decoder (``conditioners``), each producing the network's inputs
+  and its own null condition.
+
+Training (Alg. 1): a network predicts ε (or v, x0) from x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε at a uniformly
+drawn t, optionally with min-SNR weighting (Hang et al. 2023) and, with a learned variance, the
+hybrid loss of Nichol & Dhariwal 2021; the condition is dropped with probability
+``cond_drop_prob`` for classifier-free guidance (Ho & Salimans 2022). Sampling runs any sampler of
+``genlab.diffusion.samplers`` with guidance, thresholding, classifier guidance and inpainting
+(``genlab.diffusion.guidance``, which alone builds the [cond; null] pair of classifier-free
+guidance). An EMA of the weights is used for sampling and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer
+from genlab.diffusion.denoiser import Denoiser, broadcast, from_network
+from genlab.diffusion.guidance import (
+    Thresholding,
+    classifier_free_guidance,
+    classifier_guidance,
+    inpainting,
+    thresholded,
+)
+from genlab.diffusion.losses import bits_per_dim, min_snr_weight, mse_per_sample, vlb_term_bits
+from genlab.diffusion.parametrization import Prediction, q_sample, target, to_x0_eps
+from genlab.diffusion.samplers import Sampler, resolve_sampler
+from genlab.diffusion.schedules import Schedule, ScheduleName
+from genlab.models.contract import SamplingOptions
+from genlab.models.diffusion.conditioners import (
+    Conditioner,
+    Conditions,
+    ImageEmbedConditioner,
+    LabelConditioner,
+    LowResConditioner,
+    TextConditioner,
+    merge_inputs,
+    take,
+)
+from genlab.models.diffusion.sampling import check_inpainting, initial_noise, slerp
+from genlab.models.diffusion.spaces import PixelSpace
+from genlab.nn.ema import EMA
+from genlab.utils.lr_schedule import optimizers
+
+CLIP_KEY = "genlab_unclip_clip"  # the CLIP file an unCLIP decoder was trained with
+
+
+class DiffusionModel(L.LightningModule):
+    """A diffusion model in any space with any conditioners, classifier-free guidance and EMA.
+
+    Args:
+        net: the denoising network, called as ``net(x_t, t, **inputs)`` with the conditioners'
+            inputs (``context``, ``context_mask``, ``cond``, ``labels``, ``low_res``, ...).
+        text_encoder: for ``condition="text"``: the encoder of the caption's
+            :class:`~genlab.models.diffusion.conditioners.TextConditioner`.
+        optimizer: partial optimizer, called with the parameters.
+        lr_scheduler: partial scheduler called with ``(optimizer, total_steps=...)``, or None.
+        condition: what ``generate`` is asked with: ``"text"`` (captions), ``"label"`` (class
+            labels) or ``"none"``.
+        num_classes: labels for ``condition="label"``.
+        conditioners: further conditioners by name (``low_res``, ``image_embed``), read beside
+            the caption or label.
+        space: where x0 lives (:class:`PixelSpace` when None).
+        image_size, channels: the generated images' size and channels (pixels; a latent space
+            divides the size by its factor and has its own channels).
+        schedule, num_timesteps: the noise schedule of training (``diffusion.schedules``).
+        continuous_time: train at real times with the schedule's continuous log-SNR (Kingma et
+            al. 2021) instead of its T-step β table.
+        log_snr_shift: added to the schedule's log-SNR (Hoogeboom et al. 2023).
+        prediction: what the network predicts: ``"eps"``, ``"v"`` or ``"x0"``.
+        loss_weighting: ``"none"`` (L_simple, Ho et al. Eq. 14) or ``"min_snr"`` (min(SNR, γ)
+            in x0 terms, Hang et al. 2023, with γ = ``min_snr_gamma``).
+        learned_variance: the network also outputs the variance interpolation, trained by the
+            hybrid loss L_simple + ``vlb_weight`` · L_vlb (Nichol & Dhariwal 2021, §3.1).
+        offset_noise: std of a per-channel constant added to the training noise (Guttenberg 2023).
+        cond_drop_prob: probability of training on the null caption or label (for guidance).
+        tokenizer_vocab_size: BPE vocabulary size, at most the text encoder's embedding rows.
+        ema_decay: EMA decay (warmed up with the step count), or None for no EMA.
+        channels_last: run the network in channels-last memory format.
+        sampler: the default sampler of ``generate`` (``conf/sampler/``).
+        guidance_scale: the default classifier-free guidance scale w (1: none).
+        thresholding, threshold_percentile: x̂0 thresholding while sampling (``static`` for
+            pixels in [-1, 1]; ``dynamic`` with a percentile, Saharia et al. 2022).
+        sample_batch_size: most images denoised at once by ``generate``.
+        bpd_images: in testing, also report the variational bound test/bpd (pixel space only).
+    """
+
+    def __init__(
+        self,
+        *,
+        net: nn.Module,
+        text_encoder: nn.Module | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        condition: Literal["text", "label", "none"] = "text",
+        num_classes: int | None = None,
+        conditioners: dict[str, Conditioner] | None = None,
+        space: PixelSpace | None = None,
+        image_size: int = 32,
+        channels: int = 3,
+        schedule: ScheduleName = "cosine",
+        num_timesteps: int = 1000,
+        continuous_time: bool = False,
+        log_snr_shift: float = 0.0,
+        prediction: Prediction = "eps",
+        loss_weighting: Literal["none", "min_snr"] = "none",
+        min_snr_gamma: float = 5.0,
+        learned_variance: bool = False,
+        vlb_weight: float = 0.001,
+        offset_noise: float = 0.0,
+        cond_drop_prob: float = 0.1,
+        tokenizer_vocab_size: int | None = 512,
+        ema_decay: float | None = 0.999,
+        channels_last: bool = False,
+        sampler: Sampler | None = None,
+        guidance_scale: float = 3.0,
+        thresholding: Thresholding = "static",
+        threshold_percentile: float = 0.995,
+        sample_batch_size: int = 256,
+        bpd_images: int = 0,
+    ):
+        super().__init__()
+        space = space or PixelSpace()
+        check_arguments(condition, text_encoder, num_classes, cond_drop_prob, space, bpd_images)
+        if learned_variance and continuous_time:
+            raise ValueError("model.learned_variance=true needs a discrete schedule")
+        channels = space.latent_channels(channels)
+        out_channels = getattr(net, "out_channels", None)
+        if out_channels is not None and out_channels != channels * (1 + learned_variance):
+            raise ValueError(
+                f"model.net.out_channels={out_channels} must be {channels * (1 + learned_variance)}"
+                f" for channels={channels} and learned_variance={learned_variance}"
+            )
+        self.space = space
+        self.condition, self.num_classes = condition, num_classes
+        self.pixel_size = image_size
+        self.image_size, self.channels = image_size // space.downsample_factor, channels
+        self.prediction, self.cond_drop_prob = prediction, cond_drop_prob
+        self.loss_weighting, self.min_snr_gamma = loss_weighting, min_snr_gamma
+        self.learned_variance, self.vlb_weight = learned_variance, vlb_weight
+        self.offset_noise = offset_noise
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.channels_last = channels_last
+        self.sampler = sampler or Sampler()
+        self.guidance_scale = guidance_scale
+        self.thresholding, self.threshold_percentile = thresholding, threshold_percentile
+        self.sample_batch_size, self.bpd_images = sample_batch_size, bpd_images
+        self.num_timesteps = num_timesteps
+        self.schedule = Schedule(
+            schedule, num_timesteps, continuous=continuous_time, log_snr_shift=log_snr_shift
+        )
+        self.alpha_bar_table = self.schedule.alpha_bar(torch.arange(num_timesteps))  # float64
+        self.test_bpd = MeanMetric()
+        modules: dict[str, nn.Module] = {"net": net}
+        if condition == "text":
+            modules["text"] = TextConditioner(
+                text_encoder, tokenizer_vocab_size=tokenizer_vocab_size
+            )
+        elif condition == "label":
+            modules["label"] = LabelConditioner(num_classes)
+        for name, conditioner in (conditioners or {}).items():
+            modules[name] = conditioner
+        self.denoiser = nn.ModuleDict(modules)
+        if channels_last:
+            self.denoiser.to(memory_format=torch.channels_last)
+        self.ema = None if ema_decay is None else EMA(self.denoiser, decay=ema_decay)
+        self.check_conditioners()
+
+    # ----------------------------------------------------------------------------------------
+    # the parts
+    @property
+    def conditioners(self) -> dict[str, Conditioner]:
+        """The conditioners by name, in the order they are applied."""
+        return {k: m for k, m in self.denoiser.items() if isinstance(m, Conditioner)}
+
+    def conditioner(self, kind: type[Conditioner]) -> Conditioner | None:
+        """The conditioner of this kind, or None."""
+        return next((c for c in self.conditioners.values() if isinstance(c, kind)), None)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        found = {"generate"}
+        if self.space.pixel_space and self.conditioner(LowResConditioner) is None:
+            found.add("inpaint")
+        if self.conditioner(ImageEmbedConditioner) is not None:
+            found.add("variations")
+        return frozenset(found)
+
+    @property
+    def uses_ema(self) -> bool:
+        """Whether sampling and evaluation use the EMA weights."""
+        return self.ema is not None
+
+    @property
+    def tokenizer(self) -> BPETokenizer | None:
+        text = self.conditioner(TextConditioner)
+        return None if text is None else text.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: BPETokenizer | None) -> None:
+        self.conditioner(TextConditioner).tokenizer = value
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The shape (C, H, W) of one sample of the diffusion space."""
+        return (self.channels, self.image_size, self.image_size)
+
+    def check_conditioners(self) -> None:
+        low_res = self.conditioner(LowResConditioner)
+        embed = self.conditioner(ImageEmbedConditioner)
+        if (low_res or embed) and self.bpd_images:
+            raise ValueError(f"model.bpd_images: bits/dim of model={self.config_name} is not done")
+        if embed is not None and self.condition == "label":
+            raise ValueError("model.condition: an unCLIP decoder reads a caption or nothing")
+        if low_res is not None:
+            net = self.denoiser["net"]
+            if getattr(net, "low_res_channels", None) != self.channels or net.aug_embed is None:
+                raise ValueError(
+                    "model.net must read the low-resolution image: set model.net.low_res_channels="
+                    f"{self.channels} and model.net.aug_level_embedding=true"
+                )
+            if low_res.image_size != self.image_size:
+                raise ValueError(
+                    f"model.conditioners.low_res.image_size={low_res.image_size} must be "
+                    f"model.image_size={self.image_size}"
+                )
+
+    def setup(self, stage: str) -> None:
+        for conditioner in self.conditioners.values():
+            conditioner.setup(self.trainer, self.config_name)
+
+    @property
+    def config_name(self) -> str:
+        """The model config this is, for messages."""
+        if self.conditioner(LowResConditioner) is not None:
+            return "imagen_sr"
+        if self.conditioner(ImageEmbedConditioner) is not None:
+            return "unclip_decoder"
+        return "ddpm" if self.space.pixel_space else "ldm"
+
+    def on_fit_start(self) -> None:
+        self.space.on_fit_start(self.trainer)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer is not None:
+            checkpoint[TOKENIZER_KEY] = self.tokenizer.to_json()
+        checkpoint.update(self.space.checkpoint_entries())
+        embed = self.conditioner(ImageEmbedConditioner)
+        if embed is not None:
+            checkpoint[CLIP_KEY] = {"path": embed.clip_ckpt, "version": embed.clip_version}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if TOKENIZER_KEY in checkpoint and self.conditioner(TextConditioner) is not None:
+            self.tokenizer = BPETokenizer.from_json(checkpoint[TOKENIZER_KEY])
+        self.space.check_checkpoint(checkpoint)
+        embed = self.conditioner(ImageEmbedConditioner)
+        saved = checkpoint.get(CLIP_KEY, {}).get("version")
+        if embed is not None and saved is not None and saved != embed.clip_version:
+            raise ValueError(
+                f"the CLIP {embed.clip_ckpt} has changed since this model was trained (sha256 "
+                f"{embed.clip_version}, trained with {saved}): its embeddings no longer match; "
+                "put the original file back"
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # conditions → network inputs
+    def batch_conditions(self, batch: dict[str, Any], drop: torch.Tensor | None) -> Conditions:
+        """Every conditioner's conditions of a batch; where ``drop`` is True the caption or
+        label is the null one (conditioners with their own drop draw it here, in training)."""
+        conditions: Conditions = {}
+        for conditioner in self.conditioners.values():
+            found = conditioner.from_batch(batch, training=self.training)
+            if drop is not None and conditioner.shares_drop:
+                found = conditioner.drop(found, drop)
+            conditions |= found
+        return conditions
+
+    def null_conditions(self, conditions: Conditions) -> Conditions:
+        """The null condition of classifier-free guidance for every row of ``conditions``."""
+        null = dict(conditions)
+        for conditioner in self.conditioners.values():
+            null |= conditioner.null({k: conditions[k] for k in conditioner.keys})
+        return null
+
+    def network_inputs(self, denoiser: nn.ModuleDict, conditions: Conditions) -> dict[str, Any]:
+        """The network's keyword inputs for ``conditions``, computed by ``denoiser``'s
+        conditioners (the trained ones or their EMA copies)."""
+        parts = [
+            denoiser[name]({k: conditions[k] for k in conditioner.keys}, self.device)
+            for name, conditioner in self.conditioners.items()
+        ]
+        return merge_inputs(parts)
+
+    # ----------------------------------------------------------------------------------------
+    # training
+    def forward_loss(self, x0, t, eps, conditions, denoiser) -> dict[str, torch.Tensor]:
+        """Per-sample losses at times t with noise eps (Ho et al. Alg. 1): ``loss`` to minimise,
+        and its parts ``mse`` (as weighted) and, with a learned variance, ``vlb`` (bits/dim)."""
+        alpha_bar_t = self.schedule.alpha_bar(t)  # (B,) float64
+        alpha_bar = broadcast(alpha_bar_t, x0)  # (B, 1, 1, 1)
+        x_t = q_sample(x0, eps, alpha_bar)
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        inputs = self.network_inputs(denoiser, conditions)
+        out = denoiser["net"](x_t, t, **inputs).float()
+        if self.learned_variance:
+            out, v = out.chunk(2, dim=1)
+        mse = mse_per_sample(out, target(self.prediction, x0, eps, alpha_bar))
+        if self.loss_weighting == "min_snr":
+            weight = min_snr_weight(alpha_bar_t, self.prediction, self.min_snr_gamma)
+            mse = mse * weight.to(mse.device)
+        losses = {"loss": mse, "mse": mse}
+        if self.learned_variance:
+            # the bound trains only the variance: the mean comes from the detached prediction
+            x0_hat = to_x0_eps(self.prediction, out.detach(), x_t.float(), alpha_bar)[0]
+            vlb = vlb_term_bits(
+                x0, x_t.float(), t, x0_hat, self.alpha_bar_table, var_frac=(v + 1) / 2
+            )
+            losses["vlb"] = vlb
+            losses["loss"] = mse + self.vlb_weight * self.num_timesteps * vlb
+        return losses
+
+    def training_noise(self, x0: torch.Tensor) -> torch.Tensor:
+        """ε ~ N(0, I), plus ``offset_noise`` × a per-(sample, channel) constant (Guttenberg 2023)."""
+        eps = torch.randn(x0.shape, device=self.device)
+        if self.offset_noise:
+            offset = torch.randn((*x0.shape[:2], 1, 1), device=self.device)
+            eps = eps + self.offset_noise * offset
+        return eps
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0 = self.space.training_x0(batch, training=True)
+        b = x0.shape[0]  # the global generators: reseeded per rank and step (StepSeeds)
+        t = self.schedule.sample_t(b, device=self.device)
+        eps = self.training_noise(x0)
+        drop = torch.rand(b, device=self.device) < self.cond_drop_prob
+        conditions = self.batch_conditions(batch, drop)
+        losses = self.forward_loss(x0, t, eps, conditions, self.denoiser)
+        loss = losses["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True)
+        if self.learned_variance:
+            self.log_dict({"train/mse": losses["mse"].mean(), "train/vlb": losses["vlb"].mean()})
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # here, so that a checkpoint written after the batch has it
+            self.ema.update(self.denoiser)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.log("train/ema_decay", self.ema.current_decay())
+
+    def evaluation_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-sample loss with t and ε drawn from each item's ``index``: identical however the
+        split is sharded over ranks or batched, so DDP and single-process evaluation agree."""
+        x0 = self.space.encode(batch["image"], training=False)
+        gens = [torch.Generator().manual_seed(int(i)) for i in batch["index"]]
+        t = torch.cat([self.schedule.sample_t(1, generator=g) for g in gens])
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+        conditions = self.batch_conditions(batch, None)
+        losses = self.forward_loss(
+            x0, t.to(self.device), eps.to(self.device), conditions, self.eval_weights()
+        )
+        return losses["loss"]
+
+    def eval_weights(self) -> nn.ModuleDict:
+        """The EMA weights when there are any, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.denoiser
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self.evaluation_loss(batch)
+        self.log("val/loss", loss.mean(), batch_size=len(loss), sync_dist=True, prog_bar=True)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self.evaluation_loss(batch)
+        self.log("test/loss", loss.mean(), batch_size=len(loss), sync_dist=True)
+        keep = batch["index"] < self.bpd_images
+        if keep.any():
+            self.test_bpd.update(self.bits_per_dim(batch, keep))
+
+    def on_test_epoch_end(self) -> None:
+        if self.bpd_images > 0:  # a torchmetrics mean: summed over ranks, however sharded
+            self.log("test/bpd", self.test_bpd.compute())
+            self.test_bpd.reset()
+
+    def bits_per_dim(self, batch: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
+        """The variational bound (bits/dim) of the kept items, with noise seeded by their index
+        (so the figure does not depend on batching or ranks)."""
+        images, indices = batch["image"][keep], batch["index"][keep].tolist()
+        rows = keep.nonzero().flatten().tolist()
+        conditions = take(self.batch_conditions(batch, None), rows)
+        denoiser = self.sampling_denoiser(conditions, guidance_scale=1.0, thresholding="static")
+        generators = [torch.Generator().manual_seed(int(i)) for i in indices]
+        return bits_per_dim(denoiser, images, generator=generators)
+
+    def configure_optimizers(self):
+        return optimizers(
+            self.optimizer_factory,
+            self.lr_scheduler_factory,
+            self.denoiser.parameters(),
+            self.trainer,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # sampling
+    def sampling_options(
+        self,
+        *,
+        sampler: Sampler | str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        thresholding: Thresholding | None = None,
+        **extra: Any,
+    ) -> SamplingOptions:
+        """The model's sampling defaults with the given ones applied (None: the default)."""
+        low_res = self.conditioner(LowResConditioner)
+        found = {}
+        if low_res is not None:
+            level = extra.pop("aug_level", None)
+            found["aug_level"] = low_res.sample_aug_level if level is None else float(level)
+        unknown = sorted(k for k, v in extra.items() if v is not None)
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {unknown} for model={self.config_name}")
+        return SamplingOptions(
+            sampler=resolve_sampler(self.sampler, sampler, steps),
+            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+            thresholding=thresholding or self.thresholding,
+            extra=found,
+        )
+
+    def guided(self, guidance_scale: float) -> bool:
+        """Whether sampling at this scale runs classifier-free guidance (a conditioner with a
+        null and a scale other than 1)."""
+        has_null = any(c.guided for c in self.conditioners.values())
+        return has_null and guidance_scale != 1.0
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str] | None = None,
+        *,
+        n: int | None = None,
+        labels: torch.Tensor | list[int] | None = None,
+        low_res: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        sampler: Sampler | str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        thresholding: Thresholding | None = None,
+        aug_level: float | None = None,
+        classifier: Any = None,
+        classifier_scale: float = 1.0,
+        known: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        x_T: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Draw images in [-1, 1], shaped (N, C, H, W), with the EMA weights when there are any.
+
+        Text models take ``prompts`` and draw ``n`` images per prompt (default 1), prompt-major;
+        label models take ``labels`` (or ``n`` uniformly drawn labels); unconditional models take
+        ``n``. A super-resolution stage also takes ``low_res`` (N, C, low, low), one per image
+        to draw, at augmentation level ``aug_level``; the unCLIP decoder takes ``image_embeds``
+        (E, d), draws ``n`` per embedding, and reads ``prompts`` (one per embedding) if given.
+        Unset options take the model's defaults (:meth:`sampling_options`).
+
+        ``classifier`` (a ``NoisyClassifier`` on the same schedule) guides towards ``labels``
+        with ``classifier_scale`` (Dhariwal & Nichol 2021); an unconditional model then draws
+        one image per label. ``known`` (N or 1, C, H, W) with ``mask`` (1 = keep) inpaints.
+        ``x_T`` (N or 1, *sample_shape) replaces the starting noise drawn from ``generator``.
+        """
+        options = self.sampling_options(
+            sampler=sampler,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            thresholding=thresholding,
+            aug_level=aug_level,
+        )
+        request = {"prompts": prompts, "n": n, "labels": labels, "low_res": low_res}
+        conditions, rows = self.generation_conditions(
+            request | {"image_embeds": image_embeds, "classifier": classifier},
+            options,
+            generator,
+        )
+        targets = torch.as_tensor(labels).long() if classifier is not None else None
+        shape = (rows, *self.sample_shape)
+        if known is not None:
+            if "inpaint" not in self.capabilities:
+                raise ValueError(
+                    f"inpainting is defined in pixel space: not available for "
+                    f"model={self.config_name}"
+                )
+            known, mask = check_inpainting(known, mask, shape)
+        noise = initial_noise(shape, x_T, generator)
+        chunks = []
+        for start in range(0, rows, self.sample_batch_size):
+            part = slice(start, start + self.sample_batch_size)
+            denoiser = self.sampling_denoiser(
+                take(conditions, part),
+                guidance_scale=options.guidance_scale,
+                thresholding=options.thresholding,
+            )
+            if classifier is not None:
+                guide = classifier.log_prob_grad(targets[part].to(self.device))
+                denoiser = classifier_guidance(denoiser, guide, classifier_scale)
+            if known is not None:
+                part_known = known[part] if len(known) > 1 else known
+                denoiser = inpainting(denoiser, part_known.to(self.device), mask.to(self.device))
+            x = options.sampler(denoiser, noise[part].to(self.device), generator=generator)
+            chunks.append(self.space.decode(x).float().cpu())
+        return torch.cat(chunks).clamp(-1, 1)
+
+    def generation_conditions(
+        self, request: dict[str, Any], options: SamplingOptions, generator
+    ) -> tuple[Conditions, int]:
+        """The conditions of every image to draw, and how many images that is."""
+        classifier = request["classifier"]
+        if classifier is not None:
+            check_classifier(self, classifier, request["labels"])
+        embed = self.conditioner(ImageEmbedConditioner)
+        if embed is not None and classifier is not None:
+            raise ValueError("classifier: not available for the unCLIP decoder")
+        if embed is None and request["image_embeds"] is not None:
+            raise ValueError("image_embeds: this model reads no CLIP image embedding")
+        per_row = request["n"] or 1
+        conditions: Conditions = {}
+        if embed is not None:  # one source row per embedding, captions optional
+            conditions = embed.for_embeddings(request["image_embeds"], self.device)
+            sources = len(conditions["image_embed"])
+            prompts = request["prompts"]
+            if self.condition == "text":
+                if prompts is not None and (isinstance(prompts, str) or len(prompts) != sources):
+                    raise ValueError(
+                        f"pass one prompt per image embedding ({sources}) as a list, or none"
+                    )
+                captions = [""] * sources if prompts is None else list(prompts)
+                if prompts is not None:
+                    TextConditioner.for_prompts(prompts, 1)  # the prompt check
+                conditions["caption"] = captions
+            elif prompts is not None:
+                raise ValueError("this decoder reads no caption: leave prompts out")
+            conditions = take(conditions, [i for i in range(sources) for _ in range(per_row)])
+        elif self.condition == "text":
+            conditions = TextConditioner.for_prompts(request["prompts"], per_row)
+        elif self.condition == "label" and classifier is None:
+            found = self.conditioner(LabelConditioner)
+            conditions = found.for_labels(request["labels"], request["n"], generator)
+        elif classifier is not None:
+            conditions = {}
+            rows = len(torch.as_tensor(request["labels"]).reshape(-1))
+            if self.condition == "label":
+                conditions = self.conditioner(LabelConditioner).for_labels(
+                    request["labels"], None, generator
+                )
+            return conditions, rows
+        elif request["n"] is None or request["n"] < 1:
+            raise ValueError(f"this model is unconditional: pass n >= 1 (got n={request['n']})")
+        rows = next((len(v) for v in conditions.values()), request["n"])
+        low_res = self.conditioner(LowResConditioner)
+        if low_res is not None:
+            conditions |= low_res.for_images(
+                request["low_res"],
+                rows,
+                self.channels,
+                options.extra["aug_level"],
+                generator,
+                self.device,
+            )
+        elif request["low_res"] is not None:
+            raise ValueError("low_res: this model is not a super-resolution stage")
+        return conditions, rows
+
+    def sampling_denoiser(
+        self, conditions: Conditions, *, guidance_scale: float, thresholding: Thresholding
+    ) -> Denoiser:
+        """The (EMA) network as a ``Denoiser`` for ``conditions``, with classifier-free guidance
+        against their null when the scale is not 1, then thresholding."""
+        weights = self.eval_weights()
+
+        def denoiser_for(inputs: dict[str, Any]) -> Denoiser:
+            def net_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                if self.channels_last:
+                    x_t = x_t.contiguous(memory_format=torch.channels_last)
+                return weights["net"](x_t, t, **inputs)
+
+            return from_network(
+                net_fn, self.schedule, self.prediction, learned_variance=self.learned_variance
+            )
+
+        cond = self.network_inputs(weights, conditions)
+        if self.guided(guidance_scale):
+            null = self.network_inputs(weights, self.null_conditions(conditions))
+            denoiser = classifier_free_guidance(denoiser_for, cond, null, guidance_scale)
+        else:
+            denoiser = denoiser_for(cond)
+        return thresholded(denoiser, thresholding, self.threshold_percentile)
+
+    # ----------------------------------------------------------------------------------------
+    # what a CLIP image embedding allows (the unCLIP decoder, Ramesh et al. 2022, §3.1-3.2)
+    def image_embedder(self) -> ImageEmbedConditioner:
+        embed = self.conditioner(ImageEmbedConditioner)
+        if embed is None:
+            raise ValueError(f"model={self.config_name} reads no CLIP image embedding")
+        return embed
+
+    @torch.no_grad()
+    def variations(self, images: torch.Tensor, *, n: int | None = None, **kwargs) -> torch.Tensor:
+        """``n`` decodings (default 1) of each image's CLIP embedding, image-major: images
+        (B, C, H, W) in [-1, 1] of any size → (B · n, C, H, W) at the decoder's size."""
+        images = torch.as_tensor(images).float().to(self.device)
+        embeds = self.image_embedder().embed_images(images)
+        return self.generate(None, image_embeds=embeds, n=n, **kwargs)
+
+    @torch.no_grad()
+    def interpolate(
+        self, images: torch.Tensor, *, n: int | None = None, generator=None, **kwargs
+    ) -> torch.Tensor:
+        """Decodings of ``n`` (default 8, at least 2) embeddings along the slerp from the first
+        image's CLIP embedding to the second's, all from one shared x_T: images (2, C, H, W) →
+        (n, C, H, W)."""
+        images = torch.as_tensor(images).float()
+        if len(images) != 2:
+            raise ValueError(f"interpolation needs exactly two images, got {len(images)}")
+        steps = 8 if n is None else n
+        if steps < 2:
+            raise ValueError(f"n={steps}: an interpolation needs at least its two ends")
+        z = self.image_embedder().embed_images(images.to(self.device)).cpu()
+        embeds = slerp(z[0], z[1], torch.linspace(0, 1, steps))
+        noise_device = "cpu" if generator is None else generator.device
+        x_T = torch.randn((1, *self.sample_shape), generator=generator, device=noise_device)
+        return self.generate(None, image_embeds=embeds, generator=generator, x_T=x_T, **kwargs)
+
+
+def check_arguments(condition, text_encoder, num_classes, cond_drop_prob, space, bpd_images):
+    """The constructor's argument checks, in words."""
+    if condition == "text" and text_encoder is None:
+        raise ValueError("model.condition='text' needs a model.text_encoder")
+    if condition == "label" and not num_classes:
+        raise ValueError("model.condition='label' needs model.num_classes")
+    if condition not in ("text", "label", "none"):
+        raise ValueError(f"model.condition={condition!r} is not one of ['label', 'none', 'text']")
+    if not 0.0 <= cond_drop_prob < 1.0:
+        raise ValueError(f"model.cond_drop_prob={cond_drop_prob} must be in [0, 1)")
+    if bpd_images and not space.pixel_space:
+        raise ValueError("model.bpd_images: bits/dim is a pixel-space bound; set it to 0")
+
+
+def check_classifier(model: DiffusionModel, classifier: Any, labels: Any) -> None:
+    """Classifier guidance needs a label or unconditional model, labels and the same schedule."""
+    if model.condition == "text":
+        raise ValueError("classifier guidance needs a label-conditional or unconditional model")
+    if labels is None:
+        raise ValueError("classifier guidance needs labels: the classes to guide towards")
+    classifier.check_schedule(model.schedule)
+    wanted = torch.as_tensor(labels).long()
+    if wanted.min() < 0 or wanted.max() >= classifier.num_classes:
+        raise ValueError(
+            f"labels must be in [0, {classifier.num_classes}) for the classifier; "
+            f"got {wanted.tolist()}"
+        )

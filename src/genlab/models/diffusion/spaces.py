@@ -1,0 +1,195 @@
+"""Spaces: where a diffusion model's data x0 lives, injected into
+:class:`~genlab.models.diffusion.model.DiffusionModel`.
+
+* :class:`PixelSpace` — the images themselves (DDPM, Imagen, the unCLIP decoder).
+* :class:`LatentSpace` — the latents of a frozen first stage (latent diffusion, Rombach et al.
+  2022), x0 = scale_factor · z with z a sample of a VAE's posterior (the latent before
+  quantization for a VQ-GAN, whose ``decode`` quantizes: "the quantization layer absorbed into
+  the decoder", §3). ``scale_factor`` is 1 / std of the first training batch's latents unless
+  given ("scale_by_std", App. G), rank 0's value on every rank, and saved. The first stage is
+  rebuilt from its checkpoint (``genlab.load``), frozen and kept out of ``state_dict``: the model's
+  checkpoint stores its path and SHA-256, and a missing or changed file is refused with a message.
+  With ``cache_latents`` the train split is encoded once into a file that training reads by item
+  index (``genlab.data.latent_cache``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from genlab.data.latent_cache import LatentCache
+from genlab.models.diffusion.conditioners import Shared
+from genlab.nn.distributions import DiagonalGaussian
+from genlab.utils.checkpoint import load_frozen
+from genlab.utils.io import file_sha256
+from genlab.utils.rank_logging import RankedLogger
+
+log = RankedLogger(__name__, rank_zero_only=True)
+
+FIRST_STAGE_KEY = "genlab_first_stage"
+
+
+class PixelSpace(nn.Module):
+    """Diffusion on the images in [-1, 1]."""
+
+    pixel_space = True
+    downsample_factor = 1
+
+    def latent_channels(self, channels: int) -> int:
+        return channels
+
+    def encode(self, images: torch.Tensor, *, training: bool) -> torch.Tensor:
+        """x0 of a batch of images."""
+        return images
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Images of samples x0."""
+        return x0
+
+    def training_x0(self, batch: dict[str, Any], *, training: bool) -> torch.Tensor:
+        """x0 of a training batch."""
+        return self.encode(batch["image"], training=training)
+
+    def on_fit_start(self, trainer: Any) -> None:
+        """Prepare what training needs from the data (the latent cache)."""
+
+    def checkpoint_entries(self) -> dict[str, Any]:
+        return {}
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose frozen parts changed."""
+
+
+class LatentSpace(PixelSpace):
+    """Diffusion on the scaled latents of a frozen ``vae`` or ``vqgan`` (module docstring).
+
+    Args:
+        first_stage_ckpt: the first stage's checkpoint (``python src/train.py
+            experiment=vae_shapes_64``).
+        scale_factor: multiply latents by this; None: 1 / std of the first batch's latents.
+        cache_latents: encode the train split once, at the start of fit, into ``cache_dir`` (or
+            reuse that file) and train from it.
+        cache_dir: the folder of latent caches.
+    """
+
+    pixel_space = False
+
+    def __init__(
+        self,
+        *,
+        first_stage_ckpt: str,
+        scale_factor: float | None = None,
+        cache_latents: bool = False,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        if cache_latents and not cache_dir:
+            raise ValueError(
+                "model.space.cache_latents=true needs model.space.cache_dir: where to keep it"
+            )
+        self.frozen = Shared(load_first_stage(first_stage_ckpt))
+        self.first_stage_ckpt = str(first_stage_ckpt)
+        self.first_stage_version = file_sha256(first_stage_ckpt)
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor or 1.0)))
+        self.register_buffer("scale_set", torch.tensor(scale_factor is not None))
+        self.cache_latents, self.cache_dir = cache_latents, cache_dir
+        self.cache: LatentCache | None = None
+        self.trainer: Any = None  # set at fit start, for the rank-0 broadcast of scale_factor
+
+    @property
+    def first_stage(self) -> nn.Module:
+        return self.frozen.value
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.first_stage.downsample_factor
+
+    @property
+    def image_size(self) -> int:
+        return self.first_stage.image_size
+
+    def latent_channels(self, channels: int) -> int:
+        return self.first_stage.latent_channels
+
+    def _apply(self, fn, recurse=True):
+        self.first_stage._apply(fn, recurse)  # moves with the model, outside state_dict
+        return super()._apply(fn, recurse)
+
+    @torch.no_grad()
+    def latents(self, images: torch.Tensor, *, training: bool) -> torch.Tensor:
+        """Unscaled latents z: a posterior sample (VAE, in training; its mean otherwise) or the
+        latent before quantization (VQ-GAN)."""
+        encoded = self.first_stage.encode(images)
+        if isinstance(encoded, DiagonalGaussian):
+            encoded = encoded.sample() if training else encoded.mode()
+        return encoded.float()
+
+    def encode(self, images: torch.Tensor, *, training: bool) -> torch.Tensor:
+        return self.scaled(self.latents(images, training=training))
+
+    def training_x0(self, batch: dict[str, Any], *, training: bool) -> torch.Tensor:
+        if self.cache is None:
+            return self.encode(batch["image"], training=training)
+        return self.scaled(self.cache.latents(batch["index"], device=self.scale_factor.device))
+
+    def scaled(self, z: torch.Tensor) -> torch.Tensor:
+        """x0 = scale_factor · z, with scale_factor set from z first if it is not set yet."""
+        if not bool(self.scale_set):
+            self.set_scale_factor(z)
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.first_stage.decode(x0.float() / self.scale_factor).float().clamp(-1, 1)
+
+    def set_scale_factor(self, z: torch.Tensor) -> None:
+        """scale_factor = 1 / std(z) of this batch, rank 0's value on every rank."""
+        std = z.float().std()
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            std = trainer.strategy.broadcast(std, src=0)
+        self.scale_factor.fill_(1.0 / float(std))
+        self.scale_set.fill_(True)
+        log.info(f"scale_factor = 1 / std of the first batch's latents = {1 / float(std):.4f}")
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self.trainer = trainer
+        if self.cache_latents and trainer.fast_dev_run:
+            log.info("latent cache: not built for a fast_dev_run; encoding each batch instead")
+        elif self.cache_latents:
+            self.cache = LatentCache.open(
+                trainer,
+                self.first_stage,
+                cache_dir=Path(self.cache_dir),
+                first_stage_version=self.first_stage_version,
+            )
+
+    def checkpoint_entries(self) -> dict[str, Any]:
+        return {FIRST_STAGE_KEY: {"path": self.first_stage_ckpt, "version": self.first_stage_version}}
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(FIRST_STAGE_KEY, {}).get("version")
+        if saved is not None and saved != self.first_stage_version:
+            raise ValueError(
+                f"the first stage {self.first_stage_ckpt} has changed since this LDM was trained "
+                f"(sha256 {self.first_stage_version}, trained on {saved}): its latents no longer "
+                "match; put the original file back"
+            )
+
+
+def load_first_stage(path: str | Path) -> nn.Module:
+    """The first stage of a checkpoint, frozen, with a clear error when it is missing or is not
+    an autoencoder with a continuous latent."""
+    hint = "use a vae or vqgan checkpoint (python src/train.py experiment=vae_shapes_64)"
+    needs = ("encode", "decode", "latent_channels", "downsample_factor")
+    module = load_frozen(path, key="model.space.first_stage_ckpt", needs=needs, hint=hint)
+    if callable(getattr(module, "encode_indices", None)) and not hasattr(module, "quant_conv"):
+        raise ValueError(
+            f"model.space.first_stage_ckpt={str(path)!r} is a dVAE: its tokens have no "
+            "continuous latent to diffuse; use a vae or vqgan checkpoint"
+        )
+    return module
