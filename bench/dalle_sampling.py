@@ -28,7 +28,7 @@ from genlab.data.shapes import ShapesDataModule
 
 def tokens_per_second(model, prompts, cached: bool, repeats: int) -> tuple[float, torch.Tensor]:
     """Median image tokens per second of ``sample_tokens`` on ``prompts``, and the tokens."""
-    opts = model.sampling_options({})
+    opts = model.resolve_options({})
     seconds, tokens = [], None
     for _ in range(repeats):
         generator = torch.Generator().manual_seed(0)

@@ -81,7 +81,7 @@ def recipes(folder: Path) -> dict[str, list[str]]:
         ],
         "ldm": [
             "model=ldm",
-            f"model.first_stage_ckpt={ckpt['vae']}",
+            f"model.space.first_stage_ckpt={ckpt['vae']}",
             "data.resolution=16",
             *UNET,
             "model.net.groups=8",
@@ -91,7 +91,7 @@ def recipes(folder: Path) -> dict[str, list[str]]:
         "imagen_sr": [
             "experiment=imagen_shapes_sr",
             "data.resolution=32",
-            "model.low_res_size=16",
+            "model.conditioners.low_res.low_res_size=16",
             "model.net.channels=[16,32]",
             "model.net.res_blocks=[1,2]",
             "model.net.heads=2",

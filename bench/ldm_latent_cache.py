@@ -1,4 +1,4 @@
-"""Training speed of latent diffusion with and without the latent cache (``model.cache_latents``).
+"""Training speed of latent diffusion with and without the latent cache (``model.space.cache_latents``).
 
 Composes ``experiment=ldm_shapes`` (64 px, 16x16x4 latents) on a first stage of
 ``experiment=vae_shapes_64`` — untrained and built here unless ``--first-stage`` is given: the
@@ -30,6 +30,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from genlab.data import latent_cache
 from genlab.utils.checkpoint import MODEL_CONFIG_KEY
 from genlab.utils.instantiate import instantiate
 
@@ -72,18 +73,18 @@ def untrained_first_stage(folder: Path) -> Path:
 def run(first_stage: Path, overrides: list[str], args) -> dict[str, float]:
     """Train ``--steps`` batches of experiment=ldm_shapes; the timings of this run."""
     cfg = compose_cfg(
-        ["experiment=ldm_shapes", f"model.first_stage_ckpt={first_stage}", *overrides]
+        ["experiment=ldm_shapes", f"model.space.first_stage_ckpt={first_stage}", *overrides]
     )
     model = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
     figures = {"build": 0.0}
-    build = model.build_latent_cache
+    build = latent_cache.build
 
     def timed_build(*build_args) -> None:
         start = time.perf_counter()
         build(*build_args)
         figures["build"] = time.perf_counter() - start
 
-    model.build_latent_cache = timed_build
+    latent_cache.build = timed_build
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.update(train_size=args.train_size, val_size=16, test_size=16)
     timer = BatchTimer()
@@ -120,8 +121,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         first_stage = Path(args.first_stage or untrained_first_stage(Path(tmp)))
         folder = Path(tmp) / "cache"
-        cache = ["model.cache_latents=true", f"model.cache_dir={folder}"]
-        encode = run(first_stage, ["model.cache_latents=false"], args)
+        cache = ["model.space.cache_latents=true", f"model.space.cache_dir={folder}"]
+        encode = run(first_stage, ["model.space.cache_latents=false"], args)
         built = run(first_stage, cache, args)
         reused = run(first_stage, cache, args)
         megabytes = sum(f.stat().st_size for f in folder.glob("*.pt")) / 1e6

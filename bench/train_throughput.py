@@ -16,17 +16,17 @@ import time
 import torch
 
 from genlab.data.tokenizer import BPETokenizer
-from genlab.models.ddpm import DDPM
+from genlab.models.diffusion.model import DiffusionModel
 from genlab.nn.text_encoder import TransformerTextEncoder
 from genlab.nn.unet import UNet
 
 CAPTIONS = ["a large red circle at the top left", "a small blue square in the center"]
 
 
-def build(channels_last: bool, attn_impl: str) -> DDPM:
+def build(channels_last: bool, attn_impl: str) -> DiffusionModel:
     text = TransformerTextEncoder()
     net = UNet(context_dim=text.width, cond_dim=text.width, attn_impl=attn_impl)
-    model = DDPM(
+    model = DiffusionModel(
         net=net,
         text_encoder=text,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
@@ -37,7 +37,7 @@ def build(channels_last: bool, attn_impl: str) -> DDPM:
     return model
 
 
-def measure(model: DDPM, precision: str, steps: int, batch: int) -> float:
+def measure(model: DiffusionModel, precision: str, steps: int, batch: int) -> float:
     opt = torch.optim.AdamW(model.denoiser.parameters(), lr=1e-3)
     data = {
         "image": torch.rand(batch, 3, 32, 32) * 2 - 1,

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.utils.checkpoint import DATA_CONFIG_KEY, model_from_checkpoint, read_checkpoint
+from genlab.utils.frozen_parts import build_missing_parts
 from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from genlab.utils.rank_logging import RankedLogger
@@ -85,7 +86,9 @@ def evaluate_checkpoint(
     else:  # a model assembled from other checkpoints, e.g. model=imagen_cascade
         ckpt = {}
         log.info(f"instantiating model <{cfg.model._target_}>")
-        model = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        build_missing_parts(model_cfg)
+        model = instantiate(model_cfg)
     check_sampling(cfg, model)
     data_cfg = data_config(cfg, ckpt)
     log.info(f"instantiating data <{data_cfg['_target_']}>")

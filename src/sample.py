@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from genlab.utils.checkpoint import load
+from genlab.utils.frozen_parts import build_missing_parts
 from genlab.utils.images import save_image_grid
 from genlab.utils.instantiate import instantiate
 from genlab.utils.rank_logging import RankedLogger
@@ -182,7 +183,9 @@ def load_model(cfg: DictConfig, device: str):
     if cfg.get("ckpt_path"):
         return load(cfg.ckpt_path, map_location=device)
     if cfg.get("model"):
-        return instantiate(OmegaConf.to_container(cfg.model, resolve=True)).to(device).eval()
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        build_missing_parts(model_cfg)
+        return instantiate(model_cfg).to(device).eval()
     raise ValueError("ckpt_path is mandatory: pass ckpt_path=... (or model=imagen_cascade ...)")
 
 

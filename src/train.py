@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks.step_seeds import StepSeeds
 from genlab.utils.checkpoint import AtomicCheckpointIO, ModelConfigInCheckpoint
+from genlab.utils.frozen_parts import build_missing_parts
 from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from genlab.utils.logging_utils import log_hyperparameters
@@ -58,6 +59,7 @@ def train(cfg: DictConfig) -> TaskResult:
     log.info(f"instantiating data <{data_cfg['_target_']}>")
     datamodule = instantiate(data_cfg)
     log.info(f"instantiating model <{model_cfg['_target_']}>")
+    build_missing_parts(model_cfg)  # e.g. the unCLIP models' CLIP, by its recipe
     model = instantiate(model_cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += [ModelConfigInCheckpoint(model_cfg, data_cfg), StepSeeds(seed)]

@@ -29,22 +29,22 @@ GROUPS += ["extras", "hydra", "hparams_search"]
 # values that a config leaves mandatory (???) and a user must give
 MANDATORY = {
     ("data", "image_folder"): ["data.root=images"],
-    ("model", "ldm"): ["model.first_stage_ckpt=vae.ckpt"],
-    ("experiment", "ldm_shapes"): ["model.first_stage_ckpt=vae.ckpt"],
-    ("experiment", "ldm_coco"): ["model.first_stage_ckpt=vae.ckpt"],
+    ("model", "ldm"): ["model.space.first_stage_ckpt=vae.ckpt"],
+    ("experiment", "ldm_shapes"): ["model.space.first_stage_ckpt=vae.ckpt"],
+    ("experiment", "ldm_coco"): ["model.space.first_stage_ckpt=vae.ckpt"],
     ("model", "dalle"): ["model.tokenizer_ckpt=dvae.ckpt"],
     ("experiment", "dalle_shapes"): ["model.tokenizer_ckpt=dvae.ckpt"],
     ("experiment", "dalle_coco"): ["model.tokenizer_ckpt=dvae.ckpt"],
-    ("model", "imagen_sr"): ["model.low_res_size=16"],
+    ("model", "imagen_sr"): ["model.conditioners.low_res.low_res_size=16"],
     ("model", "imagen_cascade"): ["model.stages=[base.ckpt,sr.ckpt]"],
     ("model", "unclip"): ["model.prior_ckpt=prior.ckpt", "model.decoder_ckpt=decoder.ckpt"],
 }
 # models built on a frozen checkpoint: the key that names it and the model that makes it
 FROZEN_PART = {
-    "ldm": ("first_stage_ckpt", "vae"),
+    "ldm": ("space.first_stage_ckpt", "vae"),
     "dalle": ("tokenizer_ckpt", "dvae"),
     "unclip_prior": ("clip_ckpt", "clip"),
-    "unclip_decoder": ("clip_ckpt", "clip"),
+    "unclip_decoder": ("conditioners.image_embed.clip_ckpt", "clip"),
 }
 
 

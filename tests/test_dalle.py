@@ -170,7 +170,7 @@ def test_cached_logits_equal_full_passes() -> None:
 )
 def test_cached_sampler_draws_the_same_tokens_as_uncached(trained, options) -> None:
     prompts = ["a red circle at the top left", "a small blue square in the center"] * 3
-    opts = trained.sampling_options(options)
+    opts = trained.resolve_options(options)
     tokens = {
         cached: trained.sample_tokens(prompts, torch.Generator().manual_seed(7), opts, cached)
         for cached in (True, False)

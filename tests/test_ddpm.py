@@ -12,7 +12,7 @@ import genlab
 from conftest import quiet_trainer
 from genlab.data.shapes import ShapesDataModule
 from genlab.diffusion.samplers import Sampler
-from genlab.models.ddpm import DDPM
+from genlab.models.diffusion.model import DiffusionModel
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
 
 NET = {
@@ -32,7 +32,7 @@ TEXT = {
     "heads": 2,
 }
 MODEL = {
-    "_target_": "genlab.models.ddpm.DDPM",
+    "_target_": "genlab.models.diffusion.model.DiffusionModel",
     "net": NET,
     "text_encoder": TEXT,
     "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 2e-3},
@@ -47,7 +47,7 @@ def tiny_data(**kw) -> ShapesDataModule:
     return ShapesDataModule(**{**args, **kw})
 
 
-def tiny_model(**kw) -> DDPM:
+def tiny_model(**kw) -> DiffusionModel:
     return genlab.utils.instantiate.instantiate({**MODEL, **kw})
 
 

@@ -20,6 +20,7 @@ from genlab.diffusion.denoiser import Denoiser, DenoiserOutput, broadcast, from_
 from genlab.diffusion.guidance import (
     classifier_free_guidance,
     classifier_guidance,
+    guidance_pair,
     inpainting,
     thresholded,
 )
@@ -923,39 +924,56 @@ def test_sampler_config_errors_name_the_key(kwargs, key):
 
 # ---------------------------------------------------------------------------------------------
 # 6. guidance
-def cfg_pair(schedule: Schedule, calls: list) -> Denoiser:
-    """A "pair" denoiser: the first half of its batch is conditioned (data N(1, 0.5²)), the second
-    unconditioned (data N(-1, 0.5²)); learned variance 0.2 and 0.9."""
-    cond, uncond = gaussian_denoiser(schedule, 1.0), gaussian_denoiser(schedule, -1.0)
+def cfg_pair(schedule: Schedule, calls: list):
+    """``denoiser_for(inputs)`` of a network whose condition input ``mean`` is the mean of its
+    Gaussian data: the conditional inputs say N(1, 0.5²), the null ones N(-1, 0.5²); learned
+    variance 0.2 for the first half of the batch and 0.9 for the second."""
 
-    def fn(x2, t2):
-        calls.append(x2.shape[0])
-        (xc, xu), (tc, tu) = x2.chunk(2), t2.chunk(2)
-        a, b = cond(xc, tc), uncond(xu, tu)
-        var_frac = torch.cat([torch.full_like(xc, 0.2), torch.full_like(xu, 0.9)])
-        return DenoiserOutput(torch.cat([a.x0, b.x0]), torch.cat([a.eps, b.eps]), var_frac)
+    def denoiser_for(inputs):
+        means, mask = inputs["mean"], inputs["mask"]
+        assert mask is None  # None inputs stay None in the pair
 
-    return Denoiser(fn, schedule)
+        def fn(x2, t2):
+            calls.append(x2.shape[0])
+            (xc, xu), (tc, tu) = x2.chunk(2), t2.chunk(2)
+            mc, mu = means.chunk(2)
+            assert (mc == mc[0]).all() and (mu == mu[0]).all()
+            a = gaussian_denoiser(schedule, float(mc[0]))(xc, tc)
+            b = gaussian_denoiser(schedule, float(mu[0]))(xu, tu)
+            var_frac = torch.cat([torch.full_like(xc, 0.2), torch.full_like(xu, 0.9)])
+            return DenoiserOutput(torch.cat([a.x0, b.x0]), torch.cat([a.eps, b.eps]), var_frac)
+
+        return Denoiser(fn, schedule)
+
+    return denoiser_for
 
 
 def test_classifier_free_guidance():
-    """ε̃ = ε_u + w (ε_c - ε_u) (Ho & Salimans 2022, Eq. 6), x̂0 likewise; one doubled forward."""
+    """ε̃ = ε_u + w (ε_c - ε_u) (Ho & Salimans 2022, Eq. 6), x̂0 likewise; one doubled forward
+    on the inputs [cond; null]."""
     schedule, calls = Schedule("cosine", 1000), []
     pair = cfg_pair(schedule, calls)
+    cond_in = {"mean": torch.ones(5), "mask": None}
+    null_in = {"mean": -torch.ones(5), "mask": None}
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0, 10, 300, 700, 999])
     cond, uncond = gaussian_denoiser(schedule, 1.0)(x, t), gaussian_denoiser(schedule, -1.0)(x, t)
     for w, expected in [(1.0, cond), (0.0, uncond)]:
-        out = classifier_free_guidance(pair, w)(x, t)
+        out = classifier_free_guidance(pair, cond_in, null_in, w)(x, t)
         torch.testing.assert_close(out.x0, expected.x0)
         torch.testing.assert_close(out.eps, expected.eps)
     w = 3.0
-    out = classifier_free_guidance(pair, w)(x, t)
+    out = classifier_free_guidance(pair, cond_in, null_in, w)(x, t)
     torch.testing.assert_close(out.eps, uncond.eps + w * (cond.eps - uncond.eps))
     torch.testing.assert_close(out.x0, uncond.x0 + w * (cond.x0 - uncond.x0))
     assert_consistent(out, x, broadcast(schedule.alpha_bar(t), x), atol=1e-4)
     assert (out.var_frac == 0.2).all()  # the conditional half's (GLIDE)
     assert calls == [10, 10, 10]
+    # a different null (a negative prompt) is the only change: here the conditional one itself
+    same = classifier_free_guidance(pair, cond_in, cond_in, w)(x, t)
+    torch.testing.assert_close(same.eps, cond.eps)
+    with pytest.raises(ValueError, match="differ"):
+        guidance_pair(cond_in, {"mean": torch.ones(5)})
 
 
 def fixed_x0_denoiser(schedule: Schedule, x0: torch.Tensor) -> Denoiser:

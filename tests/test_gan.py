@@ -259,7 +259,7 @@ def test_generate_shapes_range_seeds_and_ema() -> None:
             z, module.condition_vector(ema, captions=[p for p in PROMPTS for _ in "abc"])
         )
     assert torch.allclose(images, direct.clamp(-1, 1), atol=1e-6)
-    protocol = module.sampling_protocol({"temperature": 0.5})
+    protocol = module.sampling_options(temperature=0.5).protocol()
     assert protocol == {"sampler": "generator (one pass)", "truncation": 0.7, "temperature": 0.5}
 
 

@@ -251,7 +251,7 @@ def test_generate_shapes_range_and_reproducibility() -> None:
         model.generate(["a red circle"], n=1)
     with pytest.raises(ValueError, match="model.condition=none"):
         model.generate(labels=[1, 2])
-    assert model.sampling_protocol({}) == {"sampler": "flow inverse", "temperature": 0.7}
+    assert model.sampling_options().protocol() == {"sampler": "flow inverse", "temperature": 0.7}
 
 
 def test_overflowing_samples_come_back_finite_and_counted(caplog) -> None:

@@ -20,7 +20,8 @@ from conftest import (
     shapes_data,
 )
 from genlab.diffusion.guidance import thresholded
-from genlab.models.imagen import ImagenCascade, augmentation_alpha_bar, corrupt
+from genlab.models.diffusion.conditioners import augmentation_alpha_bar, corrupt
+from genlab.models.diffusion.imagen import ImagenCascade
 from genlab.nn.unet import UNet
 from genlab.utils.instantiate import instantiate
 
@@ -47,7 +48,7 @@ def tiny_sr(*overrides: str):
     config = compose_model(
         [
             "model=imagen_sr",
-            "model.low_res_size=8",
+            "model.conditioners.low_res.low_res_size=8",
             "data.resolution=16",
             "model.net.res_blocks=[1,2]",
             "model.ema_decay=null",
@@ -72,7 +73,9 @@ def record_aug_levels(model) -> list[torch.Tensor]:
 def test_noise_conditioning_draws_levels_in_training_and_uses_the_configured_one_to_sample(
     tmp_path,
 ) -> None:
-    model = tiny_sr("model.aug_max=0.4", "model.sample_aug_level=0.15")
+    model = tiny_sr(
+        "model.conditioners.low_res.aug_max=0.4", "model.conditioners.low_res.sample_aug_level=0.15"
+    )
     seen = record_aug_levels(model)
     trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(model, datamodule=shapes_data(16))
@@ -101,10 +104,9 @@ def test_noise_conditioning_draws_levels_in_training_and_uses_the_configured_one
     data = shapes_data(16)
     data.setup("validate")
     batch = next(iter(data.val_dataloader()))
-    none = torch.zeros(8, dtype=torch.bool)
-    evaluation = model.drop_condition(batch, none)  # validation / test: the sampling level
+    evaluation = model.batch_conditions(batch, None)  # validation / test: the sampling level
     assert torch.all(evaluation["aug_level"] == 0.15)
-    assert torch.equal(evaluation["low_res"], model.drop_condition(batch, none)["low_res"])
+    assert torch.equal(evaluation["low_res"], model.batch_conditions(batch, None)["low_res"])
 
 
 def test_augmentation_is_the_forward_process_at_the_level() -> None:
@@ -127,7 +129,7 @@ def test_low_resolution_inputs_and_stage_configs_are_checked() -> None:
     with pytest.raises(ValueError, match="known"):
         model.generate(["a"], low_res=torch.zeros(1, 3, 8, 8), known=torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match="low_res_size=16 must be between"):
-        tiny_sr("model.low_res_size=16")
+        tiny_sr("model.conditioners.low_res.low_res_size=16")
     with pytest.raises(ValueError, match="low_res_channels=3"):
         tiny_sr("model.net.low_res_channels=0")
 
@@ -171,7 +173,9 @@ def test_imagen_base_samples_with_dynamic_thresholding(tmp_path) -> None:
     # the sampling denoiser is the guided network followed by dynamic thresholding: x̂0 is
     # within [-1, 1] after division by s, whatever the network predicts
     model.tokenizer = None
-    denoiser = model.sampling_denoiser(["a red circle"], guidance_scale=5.0, thresholding="dynamic")
+    denoiser = model.sampling_denoiser(
+        {"caption": ["a red circle"]}, guidance_scale=5.0, thresholding="dynamic"
+    )
     x_t = torch.randn(1, 3, 16, 16) * 3
     out = denoiser(x_t, torch.tensor([900]))
     assert out.x0.abs().max() <= 1.0 + 1e-6
@@ -182,7 +186,7 @@ def test_imagen_base_samples_with_dynamic_thresholding(tmp_path) -> None:
 def test_frozen_text_encoder_gets_no_gradient_and_keeps_its_weights(tmp_path) -> None:
     config = compose_model(["model=imagen_base", "data.resolution=16", *TINY_NET])
     model = instantiate(config)
-    network = model.denoiser["text"].network  # all-MiniLM-L6-v2, outside the module tree
+    network = model.denoiser["text"].encoder.network  # all-MiniLM-L6-v2, outside the module tree
     before = {k: v.clone() for k, v in network.state_dict().items()}
     frozen = list(network.parameters())
     assert len(before) > 50 and frozen
@@ -222,7 +226,7 @@ def stages(tmp_path_factory) -> list[Path]:
             [
                 "experiment=imagen_shapes_sr",
                 "data.resolution=32",
-                "model.low_res_size=16",
+                "model.conditioners.low_res.low_res_size=16",
                 "model.net.channels=[16,32]",
                 "model.net.res_blocks=[1,2]",
                 "model.net.heads=2",
@@ -259,12 +263,12 @@ def test_cascade_has_the_final_resolution_and_is_reproducible(stages) -> None:
         thresholding="none",
     )  # overrides the base stage's guidance 4 and static thresholding (the shapes recipe's)
     assert not torch.equal(unguided, first)
-    assert cascade.sampling_protocol({})["stages"][0]["thresholding"] == "static"
-    swept = cascade.sampling_protocol({"guidance_scale": 1.0, "thresholding": "none"})
+    assert cascade.sampling_options().protocol()["stages"][0]["thresholding"] == "static"
+    swept = cascade.sampling_options(guidance_scale=1.0, thresholding="none").protocol()
     assert swept["stages"][0]["guidance_scale"] == 1.0
     assert swept["stages"][0]["thresholding"] == "none"
     assert swept["stages"][1]["thresholding"] == "dynamic"  # the SR stage's option
-    protocol = cascade.sampling_protocol({})
+    protocol = cascade.sampling_options().protocol()
     assert [s["size"] for s in protocol["stages"]] == [16, 32]
     assert protocol["stages"][1]["aug_level"] == 0.2
     with pytest.raises(ValueError, match=r"stages\[1\].*super-resolution stage from 16 px"):

@@ -25,10 +25,12 @@ from conftest import (
     run_entry,
     shapes_data,
 )
+from genlab.data import latent_cache as ldm_module
 from genlab.data.common import LabelledArraysDataModule, labelled_splits
+from genlab.data.latent_cache import cache_source
 from genlab.data.shapes import ShapesDataModule, ShapesDataset
-from genlab.models import ldm as ldm_module
-from genlab.models.ldm import FIRST_STAGE_KEY, LDM, cache_source
+from genlab.models.diffusion.model import DiffusionModel as LDM
+from genlab.models.diffusion.spaces import FIRST_STAGE_KEY
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 
@@ -64,7 +66,13 @@ def first_stages(tmp_path_factory) -> dict[str, Path]:
 
 def tiny_ldm(first_stage: Path, *overrides: str) -> LDM:
     config = compose_model(
-        ["model=ldm", f"model.first_stage_ckpt={first_stage}", *LDM_TINY, *BPE_TINY, *overrides]
+        [
+            "model=ldm",
+            f"model.space.first_stage_ckpt={first_stage}",
+            *LDM_TINY,
+            *BPE_TINY,
+            *overrides,
+        ]
     )
     return instantiate(config)
 
@@ -80,8 +88,8 @@ def test_ldm_trains_through_train_py(first_stages, encoder: str, tmp_path: Path)
         "train.py",
         "experiment=ldm_shapes",  # the recipe, shrunk
         f"model/text_encoder={encoder}",
-        f"model.first_stage_ckpt={first_stages['vae']}",
-        f"model.cache_dir={tmp_path / 'cache'}",  # the recipe caches latents
+        f"model.space.first_stage_ckpt={first_stages['vae']}",
+        f"model.space.cache_dir={tmp_path / 'cache'}",  # the recipe caches latents
         "trainer.max_steps=4",
         *LDM_TINY,
         *text,
@@ -101,7 +109,9 @@ def test_ldm_trains_through_train_py(first_stages, encoder: str, tmp_path: Path)
     assert not any(k.startswith("first_stage.") for k in saved["state_dict"])
     assert not any("network" in k for k in saved["state_dict"])  # the frozen text encoder
     model = genlab.load(ckpt)
-    assert float(model.scale_factor) == float(saved["state_dict"]["scale_factor"]) != 1.0
+    assert (
+        float(model.space.scale_factor) == float(saved["state_dict"]["space.scale_factor"]) != 1.0
+    )
     images = model.generate(["a red circle"], n=2, steps=2, generator=torch.Generator())
     assert images.shape == (2, 3, SIZE, SIZE) and images.abs().max() <= 1
     assert (run_dir / "samples" / "final.png").is_file()
@@ -110,15 +120,15 @@ def test_ldm_trains_through_train_py(first_stages, encoder: str, tmp_path: Path)
 @pytest.mark.parametrize("kind", ["vae", "vqgan"])
 def test_first_stage_is_frozen_and_out_of_the_optimizer(first_stages, kind, tmp_path) -> None:
     model = tiny_ldm(first_stages[kind])
-    before = {k: v.clone() for k, v in model.first_stage.state_dict().items()}
+    before = {k: v.clone() for k, v in model.space.first_stage.state_dict().items()}
     trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(model, datamodule=data())
-    after = model.first_stage.state_dict()
+    after = model.space.first_stage.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # EMA codebook buffers too
-    assert not model.first_stage.training
-    assert all(p.grad is None and not p.requires_grad for p in model.first_stage.parameters())
+    assert not model.space.first_stage.training
+    assert all(p.grad is None and not p.requires_grad for p in model.space.first_stage.parameters())
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert not optimized & {id(p) for p in model.first_stage.parameters()}
+    assert not optimized & {id(p) for p in model.space.first_stage.parameters()}
     assert not any(k.startswith("first_stage") for k in model.state_dict())
 
 
@@ -128,26 +138,27 @@ def test_scale_factor_makes_latents_unit_std(first_stages, kind) -> None:
     loader = data()
     loader.setup("fit")
     batches = iter(loader.train_dataloader())
-    first = model.to_diffusion_space(next(batches)["image"])
-    assert bool(model.scale_set)
+    first = model.space.encode(next(batches)["image"], training=model.training)
+    assert bool(model.space.scale_set)
     assert torch.allclose(first.std(), torch.tensor(1.0), atol=1e-4)
-    second = model.to_diffusion_space(next(batches)["image"])
+    second = model.space.encode(next(batches)["image"], training=model.training)
     assert 0.7 < float(second.std()) < 1.4  # another batch: about 1
-    given = tiny_ldm(first_stages[kind], "model.scale_factor=0.5").eval()  # posterior mean
+    given = tiny_ldm(first_stages[kind], "model.space.scale_factor=0.5").eval()  # posterior mean
     images = next(batches)["image"]
-    assert torch.equal(given.to_diffusion_space(images), given.latents(images) * 0.5)
-    assert float(given.scale_factor) == 0.5 and bool(given.scale_set)
+    assert torch.equal(
+        given.space.encode(images, training=given.training),
+        given.space.latents(images, training=False) * 0.5,
+    )
+    assert float(given.space.scale_factor) == 0.5 and bool(given.space.scale_set)
 
 
 def test_generate_decodes_latents_with_the_first_stage(first_stages) -> None:
-    model = tiny_ldm(first_stages["vqgan"]).eval()
-    model.tokenizer = None
-    model.condition = "none"
+    model = tiny_ldm(first_stages["vqgan"], "model.condition=none").eval()
     images = model.generate(n=3, steps=2, guidance_scale=1.0, generator=torch.Generator())
     assert images.shape == (3, 3, SIZE, SIZE)
     z = torch.randn(1, 4, SIZE // 4, SIZE // 4)
-    expected = model.first_stage.decode(z / model.scale_factor).clamp(-1, 1)
-    assert torch.allclose(model.to_images(z), expected)
+    expected = model.space.first_stage.decode(z / model.space.scale_factor).clamp(-1, 1)
+    assert torch.allclose(model.space.decode(z), expected)
     with pytest.raises(ValueError, match="pixel space"):
         model.generate(n=1, known=torch.zeros(1, 3, SIZE, SIZE), mask=torch.ones(1))
 
@@ -163,14 +174,19 @@ def test_missing_changed_or_wrong_first_stage_is_named(first_stages, tmp_path) -
 
     # an LDM checkpoint, then its first stage replaced by another file
     copy = shutil.copy(first_stages["vae"], tmp_path / "vae.ckpt")
-    config = compose_model(["model=ldm", f"model.first_stage_ckpt={copy}", *LDM_TINY, *BPE_TINY])
+    config = compose_model(
+        ["model=ldm", f"model.space.first_stage_ckpt={copy}", *LDM_TINY, *BPE_TINY]
+    )
     model = instantiate(config)
     trainer = quiet_trainer(
         tmp_path, max_steps=1, limit_val_batches=0, callbacks=[ModelConfigInCheckpoint(config)]
     )
     trainer.fit(model, datamodule=data())
     trainer.save_checkpoint(tmp_path / "ldm.ckpt")
-    assert genlab.load(tmp_path / "ldm.ckpt").first_stage_version == model.first_stage_version
+    assert (
+        genlab.load(tmp_path / "ldm.ckpt").space.first_stage_version
+        == model.space.first_stage_version
+    )
     make_first_stage("vae", Path(copy), steps=1)  # retrained: other weights, same path
     with pytest.raises(ValueError, match="has changed since this LDM was trained"):
         genlab.load(tmp_path / "ldm.ckpt")
@@ -180,11 +196,13 @@ def test_missing_changed_or_wrong_first_stage_is_named(first_stages, tmp_path) -
 
 
 # ----------------------------------------------------------------------------------------------
-# latent caching (model.cache_latents)
+# latent caching (model.space.cache_latents)
 
 
 def cached_ldm(first_stage: Path, cache: Path, *overrides: str) -> LDM:
-    return tiny_ldm(first_stage, "model.cache_latents=true", f"model.cache_dir={cache}", *overrides)
+    return tiny_ldm(
+        first_stage, "model.space.cache_latents=true", f"model.space.cache_dir={cache}", *overrides
+    )
 
 
 def fit_briefly(model: LDM, tmp_path: Path, datamodule=None, steps: int = 1) -> L.Trainer:
@@ -196,7 +214,7 @@ def fit_briefly(model: LDM, tmp_path: Path, datamodule=None, steps: int = 1) -> 
 def test_latent_cache_is_built_once_reused_and_rebuilt_for_a_new_first_stage(
     first_stages, tmp_path, caplog, monkeypatch
 ) -> None:
-    caplog.set_level(logging.INFO, logger="genlab.models.ldm")
+    caplog.set_level(logging.INFO, logger="genlab.data.latent_cache")
     vae, cache = Path(shutil.copy(first_stages["vae"], tmp_path / "vae.ckpt")), tmp_path / "cache"
     fit_briefly(cached_ldm(vae, cache), tmp_path, steps=2)
     (built,) = cache.glob("*.pt")
@@ -210,8 +228,8 @@ def test_latent_cache_is_built_once_reused_and_rebuilt_for_a_new_first_stage(
     assert f"latent cache: reusing {built}" in caplog.text
     assert "latent cache: built" not in caplog.text
     assert list(cache.glob("*.pt")) == [built] and built.stat().st_mtime_ns == stamp
-    assert model.latent_cache.shape == (32, 1, 8, SIZE // 4, SIZE // 4)  # (N, O, 2C, h, w)
-    assert model.latent_cache.dtype == torch.float16
+    assert model.space.cache.rows.shape == (32, 1, 8, SIZE // 4, SIZE // 4)  # (N, O, 2C, h, w)
+    assert model.space.cache.rows.dtype == torch.float16
     monkeypatch.undo()
 
     make_first_stage("vae", vae, steps=1)  # retrained: other weights, same path
@@ -229,20 +247,24 @@ def test_training_from_the_cache_gives_the_encoders_x0(first_stages, kind, tmp_p
     batch = data().split("train")
     index = torch.tensor([3, 0, 17, 31, 8])
     images = torch.stack([batch[int(i)]["image"] for i in index])
-    encoded = model.first_stage.encode(images)
+    encoded = model.space.first_stage.encode(images)
     if kind == "vae":  # the posterior's moments are stored, the sample is drawn at each step
-        rows = model.latent_cache[index, 0].float()
+        rows = model.space.cache.rows[index, 0].float()
         assert torch.allclose(rows[:, :4], encoded.mean, rtol=1e-3, atol=1e-3)
         assert torch.allclose(rows[:, 4:], encoded.logvar, rtol=1e-3, atol=1e-3)
     torch.manual_seed(5)
-    from_cache = model.training_data({"image": None, "index": index})
+    from_cache = model.space.training_x0({"image": None, "index": index}, training=True)
     torch.manual_seed(5)
-    on_the_fly = model.to_diffusion_space(images)  # the same noise: the same z up to fp16
+    on_the_fly = model.space.encode(
+        images, training=model.training
+    )  # the same noise: the same z up to fp16
     assert torch.allclose(from_cache, on_the_fly, rtol=1e-3, atol=2e-3)
     if kind == "vae":
-        assert not torch.equal(from_cache, model.training_data({"index": index}))  # fresh z
+        assert not torch.equal(
+            from_cache, model.space.training_x0({"index": index}, training=True)
+        )  # fresh z
     else:
-        assert torch.equal(from_cache, model.training_data({"index": index}))
+        assert torch.equal(from_cache, model.space.training_x0({"index": index}, training=True))
 
 
 class FlippingShapes(LabelledArraysDataModule):
@@ -271,12 +293,14 @@ def test_random_flips_are_drawn_on_both_cached_orientations(first_stages, tmp_pa
     unflipped = datamodule.unflipped_train_split()
     images = torch.stack([unflipped[i]["image"] for i in range(32)])
     assert torch.allclose(images, datamodule.images[:32], atol=1e-6)  # really unflipped
-    cache = model.latent_cache.float()  # (32, 2, 4, h, w): the images, then their mirror images
+    cache = model.space.cache.rows.float()  # (32, 2, 4, h, w): the images, then their mirror images
     for o, view in enumerate([images, images.flip(-1)]):
-        assert torch.allclose(cache[:, o], model.first_stage.encode(view), rtol=1e-3, atol=1e-3)
+        assert torch.allclose(
+            cache[:, o], model.space.first_stage.encode(view), rtol=1e-3, atol=1e-3
+        )
 
     index = torch.arange(32).repeat(8)
-    drawn = model.cached_latents(index)  # (256, 4, h, w)
+    drawn = model.space.cache.latents(index, device=model.device)  # (256, 4, h, w)
     flipped = (drawn - cache[index, 1]).flatten(1).abs().amax(1) == 0
     assert torch.equal(drawn[~flipped], cache[index[~flipped], 0])
     assert 0.35 < flipped.float().mean() < 0.65  # p = 1/2 per item and step
@@ -291,8 +315,10 @@ def test_random_crops_and_undeclared_augmentation_are_refused(first_stages, tmp_
     model = cached_ldm(first_stages["vqgan"], tmp_path / "cache")
     with pytest.raises(ValueError, match="two different images"):
         fit_briefly(model, tmp_path, undeclared)
-    with pytest.raises(ValueError, match="model.cache_dir"):
-        tiny_ldm(first_stages["vqgan"], "model.cache_latents=true", "model.cache_dir=null")
+    with pytest.raises(ValueError, match="model.space.cache_dir"):
+        tiny_ldm(
+            first_stages["vqgan"], "model.space.cache_latents=true", "model.space.cache_dir=null"
+        )
 
 
 def test_ddp_ranks_build_one_cache_in_item_order(first_stages, tmp_path) -> None:
@@ -301,15 +327,15 @@ def test_ddp_ranks_build_one_cache_in_item_order(first_stages, tmp_path) -> None
     equals, row by row, the cache that one process builds."""
     recipe = [
         "experiment=ldm_shapes",
-        f"model.first_stage_ckpt={first_stages['vqgan']}",
-        "model.cache_latents=true",
+        f"model.space.first_stage_ckpt={first_stages['vqgan']}",
+        "model.space.cache_latents=true",
         *LDM_TINY,
         *BPE_TINY,
     ]
     result = run_entry(
         "train.py",
         *recipe,
-        f"model.cache_dir={tmp_path / 'ddp'}",
+        f"model.space.cache_dir={tmp_path / 'ddp'}",
         "trainer=ddp_cpu",
         "trainer.max_steps=2",
         "test=false",
@@ -329,13 +355,13 @@ def test_ddp_ranks_build_one_cache_in_item_order(first_stages, tmp_path) -> None
     caches = {}
     for name in ("ddp", "single"):
         model = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
-        model.cache_dir = str(tmp_path / name)
+        model.space.cache_dir = str(tmp_path / name)
         datamodule = instantiate(OmegaConf.to_container(cfg.data, resolve=True))
         trainer = quiet_trainer(
             tmp_path, max_steps=1, limit_val_batches=0, precision=cfg.trainer.precision
         )
         trainer.fit(model, datamodule=datamodule)
-        caches[name] = model.latent_cache.float()
+        caches[name] = model.space.cache.rows.float()
     assert ddp.stat().st_mtime_ns == stamp and len(list((tmp_path / "single").glob("*.pt"))) == 1
     ddp_rows, rows = caches["ddp"], caches["single"]
     assert ddp_rows.shape == rows.shape == (32, 1, 4, SIZE // 4, SIZE // 4)
@@ -354,7 +380,7 @@ def test_ldm_trains_on_a_coco_folder_through_train_py(first_stages, tmp_path) ->
         "model=ldm",
         "data=coco",
         f"paths.data_dir={tmp_path / 'data'}",
-        f"model.first_stage_ckpt={first_stages['vae']}",
+        f"model.space.first_stage_ckpt={first_stages['vae']}",
         *LDM_TINY[:2],  # resolution and batch size; COCO has its own splits
         *LDM_TINY[5:],
         *BPE_TINY,

@@ -26,10 +26,12 @@ from conftest import (
     shapes_data,
 )
 from genlab.diffusion.samplers import Sampler
-from genlab.models.unclip import UnCLIP, slerp
+from genlab.models.diffusion.sampling import slerp
+from genlab.models.diffusion.unclip import UnCLIP
 from genlab.nn.unclip import PriorTransformer
 from genlab.utils.instantiate import instantiate
 
+CLIP_KEY = "model.conditioners.image_embed.clip_ckpt"  # the decoder's CLIP
 TINY_PRIOR = ["model.net.width=32", "model.net.layers=1", "model.net.heads=2"]
 TINY_DECODER = [
     "model.net.channels=[16,32]",
@@ -72,8 +74,9 @@ def clip_ckpt() -> Path:
 
 def tiny(kind: str, clip: Path, *overrides: str):
     extra = TINY_PRIOR if kind == "unclip_prior" else TINY_DECODER
+    key = "model.clip_ckpt" if kind == "unclip_prior" else CLIP_KEY
     config = compose_model(
-        [f"model={kind}", f"model.clip_ckpt={clip}", "data.resolution=16", *extra, *overrides]
+        [f"model={kind}", f"{key}={clip}", "data.resolution=16", *extra, *overrides]
     )
     return instantiate(config)
 
@@ -183,22 +186,24 @@ def test_prior_validation_reports_loss_and_cosines(clip_ckpt, tmp_path) -> None:
 # ----------------------------------------------------------------------------------------------
 # the decoder
 def test_decoder_reads_the_embedding_as_tokens_and_drops_it_at_its_rate(decoder) -> None:
-    z = torch.nn.functional.normalize(torch.randn(4, decoder.embed_dim), dim=-1)
+    z = torch.nn.functional.normalize(torch.randn(4, decoder.image_embedder().embed_dim), dim=-1)
     weights = decoder.eval_weights()
     keep = torch.zeros(4, dtype=torch.bool)
-    inputs = decoder.condition_inputs(
-        weights, captions=["a red circle"] * 4, image_embeds=z, embed_drop=keep
+    inputs = decoder.network_inputs(
+        weights, {"caption": ["a red circle"] * 4, "image_embed": z, "embed_drop": keep}
     )
-    text_length = weights["text"].context_length
+    text_length = weights["text"].encoder.context_length
     assert inputs["context"].shape[1] == text_length + 4  # the caption's tokens, then 4 more
     assert inputs["context_mask"][:, text_length:].all()
-    other = decoder.condition_inputs(
-        weights, captions=["a red circle"] * 4, image_embeds=-z, embed_drop=keep
+    other = decoder.network_inputs(
+        weights, {"caption": ["a red circle"] * 4, "image_embed": -z, "embed_drop": keep}
     )
     assert not torch.allclose(other["cond"], inputs["cond"])
     drop = torch.ones(4, dtype=torch.bool)
-    a = decoder.condition_inputs(weights, captions=[""] * 4, image_embeds=z, embed_drop=drop)
-    b = decoder.condition_inputs(weights, captions=[""] * 4, image_embeds=-z, embed_drop=drop)
+    a = decoder.network_inputs(weights, {"caption": [""] * 4, "image_embed": z, "embed_drop": drop})
+    b = decoder.network_inputs(
+        weights, {"caption": [""] * 4, "image_embed": -z, "embed_drop": drop}
+    )
     torch.testing.assert_close(a["context"], b["context"])  # the null embedding: z unseen
     torch.testing.assert_close(a["cond"], b["cond"])
 
@@ -208,19 +213,19 @@ def test_decoder_reads_the_embedding_as_tokens_and_drops_it_at_its_rate(decoder)
     decoder.train()
     torch.manual_seed(0)
     drops = torch.stack(
-        [decoder.drop_condition(batch, keep.repeat(4))["embed_drop"] for _ in range(50)]
+        [decoder.batch_conditions(batch, keep.repeat(4))["embed_drop"] for _ in range(50)]
     )
-    assert drops.float().mean() == pytest.approx(decoder.embed_drop_prob, abs=0.04)
-    expected = decoder.clip.encode_images(batch["image"])
+    assert drops.float().mean() == pytest.approx(decoder.image_embedder().drop_prob, abs=0.04)
+    expected = decoder.image_embedder().clip.encode_images(batch["image"])
     torch.testing.assert_close(
-        decoder.drop_condition(batch, keep.repeat(4))["image_embeds"], expected
+        decoder.batch_conditions(batch, keep.repeat(4))["image_embed"], expected
     )
     decoder.eval()
-    assert not decoder.drop_condition(batch, keep.repeat(4))["embed_drop"].any()
+    assert not decoder.batch_conditions(batch, keep.repeat(4))["embed_drop"].any()
 
 
 def test_decoder_generates_from_embeddings_with_or_without_captions(decoder) -> None:
-    z = torch.nn.functional.normalize(torch.randn(2, decoder.embed_dim), dim=-1)
+    z = torch.nn.functional.normalize(torch.randn(2, decoder.image_embedder().embed_dim), dim=-1)
     g = torch.Generator().manual_seed(0)
     images = decoder.generate(None, image_embeds=z, n=3, steps=2, generator=g)
     assert images.shape == (6, 3, 16, 16) and images.abs().max() <= 1
@@ -231,7 +236,7 @@ def test_decoder_generates_from_embeddings_with_or_without_captions(decoder) -> 
     with pytest.raises(ValueError, match="one prompt per image embedding"):
         decoder.generate(["a red circle"], image_embeds=z)
     with pytest.raises(ValueError, match=r"must be \(E, "):
-        decoder.generate(None, image_embeds=torch.randn(2, decoder.embed_dim + 1))
+        decoder.generate(None, image_embeds=torch.randn(2, decoder.image_embedder().embed_dim + 1))
 
 
 def test_slerp_keeps_unit_norm_and_equal_angle_steps() -> None:
@@ -247,7 +252,7 @@ def test_slerp_keeps_unit_norm_and_equal_angle_steps() -> None:
 
 def test_variations_decode_the_images_embedding_and_interpolation_shares_its_noise(decoder):
     seen: list[torch.Tensor] = []
-    hook = decoder.eval_weights()["embed"].register_forward_hook(
+    hook = decoder.eval_weights()["image_embed"].projection.register_forward_hook(
         lambda module, args, out: seen.append(args[0].detach().clone())
     )
     try:
@@ -256,7 +261,10 @@ def test_variations_decode_the_images_embedding_and_interpolation_shares_its_noi
         variations = decoder.variations(images, n=3, steps=2, generator=g, guidance_scale=1.0)
         assert variations.shape == (6, 3, 16, 16)
         assert not torch.allclose(variations[0], variations[1])  # different seeds
-        expected = decoder.clip.encode_images(images) * decoder.embed_scale
+        expected = (
+            decoder.image_embedder().clip.encode_images(images)
+            * decoder.image_embedder().embed_scale
+        )
         torch.testing.assert_close(seen[0], expected.repeat_interleave(3, dim=0))
 
         seen.clear()
@@ -288,7 +296,7 @@ def test_unclip_trains_samples_and_evaluates_through_the_entry_points(clip_ckpt,
         result = run_entry(
             "train.py",
             f"experiment=unclip_{kind}_shapes",
-            f"model.clip_ckpt={clip_ckpt}",
+            f"{'model.clip_ckpt' if kind == 'prior' else CLIP_KEY}={clip_ckpt}",
             *TINY_RUN,
             *extra,
             f"hydra.run.dir={run_dir}",
@@ -383,7 +391,7 @@ def test_the_pair_needs_one_clip_and_a_changed_clip_is_refused(clip_ckpt, tmp_pa
     result = run_entry(
         "train.py",
         "experiment=unclip_decoder_shapes",
-        f"model.clip_ckpt={other}",
+        f"{CLIP_KEY}={other}",
         *TINY_RUN,
         "trainer.max_steps=1",
         *TINY_DECODER,
@@ -418,7 +426,7 @@ def test_variations_stay_closer_to_their_image_than_to_another(tmp_path) -> None
     result = run_entry(
         "train.py",
         "experiment=unclip_decoder_shapes",
-        f"model.clip_ckpt={clip}",
+        f"{CLIP_KEY}={clip}",
         "trainer.max_steps=400",
         "callbacks.rich_progress_bar=null",
         f"hydra.run.dir={run_dir}",
@@ -432,8 +440,8 @@ def test_variations_stay_closer_to_their_image_than_to_another(tmp_path) -> None
     sources = torch.stack([data.data_test[i]["image"] for i in range(16)])
     g = torch.Generator().manual_seed(0)
     variations = decoder.variations(sources, n=2, steps=20, generator=g)
-    z_var = decoder.clip.encode_images(variations).view(16, 2, -1)
-    z_src = decoder.clip.encode_images(sources)
+    z_var = decoder.image_embedder().clip.encode_images(variations).view(16, 2, -1)
+    z_src = decoder.image_embedder().clip.encode_images(sources)
     own = (z_var * z_src[:, None]).sum(-1)
     other = (z_var * z_src.roll(1, dims=0)[:, None]).sum(-1)
     assert (own > other).float().mean() >= 0.9

@@ -133,7 +133,12 @@ def build(
     """Encode the train split, each rank its shard, gathered in item order; rank 0 writes the
     file atomically while the others wait."""
     start, datamodule = time.perf_counter(), trainer.datamodule
-    probe = encodings(trainer, first_stage, dataset[0]["image"][None].to(trainer.lightning_module.device), orientations)
+    probe = encodings(
+        trainer,
+        first_stage,
+        dataset[0]["image"][None].to(trainer.lightning_module.device),
+        orientations,
+    )
     shape = probe.shape[2:]  # (C', h, w)
     rows = extract_split(  # (N, O·C'·h·w) float32, on every rank
         dataset,

@@ -69,6 +69,8 @@ class CLIP(L.LightningModule):
             model learns log(1/τ), and the logit scale 1/τ is clamped at 100.
     """
 
+    capabilities = frozenset()  # the model contract (genlab.models.contract)
+
     def __init__(
         self,
         *,

@@ -94,7 +94,9 @@ class StageOptions:
     candidates: int | None = None  # the unCLIP prior
 
     @classmethod
-    def parse(cls, options: dict[str, Any] | None, key: str, allowed: Sequence[str]) -> StageOptions:
+    def parse(
+        cls, options: dict[str, Any] | None, key: str, allowed: Sequence[str]
+    ) -> StageOptions:
         """Options from a config dict; keys outside ``allowed`` are refused with their name."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(allowed))

@@ -49,6 +49,7 @@ from torch import nn
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
 from genlab.metrics.extractors import file_version
+from genlab.models.contract import SamplingOptions
 from genlab.nn.ema import EMA
 from genlab.nn.transformer import DalleTransformer
 from genlab.utils.checkpoint import load_frozen
@@ -81,6 +82,7 @@ class DALLE(L.LightningModule):
 
     config_name = "dalle"
     condition = "text"
+    capabilities = frozenset({"generate"})
 
     def __init__(
         self,
@@ -154,7 +156,7 @@ class DALLE(L.LightningModule):
         self.n_candidates, self.keep = n_candidates, keep
         self.sample_batch_size = sample_batch_size
         self.tokenizer: BPETokenizer | None = None
-        check_sampling(self.sampling_options({}), reranks=self.clip is not None)
+        check_sampling(self.resolve_options({}), reranks=self.clip is not None)
 
     # ------------------------------------------------------------------------------------------
     # the frozen parts
@@ -307,7 +309,7 @@ class DALLE(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------
     # sampling
-    def sampling_options(self, options: dict[str, Any]) -> dict[str, Any]:
+    def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The sampling settings: ``options`` where given (not None), else the model's; one
         candidate per kept image unless ``n_candidates`` is given (or the model's is larger)."""
         names = ("guidance_scale", "temperature", "top_k", "top_p", "n_candidates", "keep")
@@ -319,10 +321,11 @@ class DALLE(L.LightningModule):
             opts["n_candidates"] = max(self.n_candidates, opts["keep"])
         return opts
 
-    def sampling_protocol(self, options: dict[str, Any]) -> dict[str, Any]:
-        """What the metrics record of how images were drawn with ``options``."""
-        opts = self.sampling_options(options)
-        return {"sampler": "autoregressive (KV cache)", **opts}
+    def sampling_options(self, **given: Any) -> SamplingOptions:
+        """The model's sampling settings with ``given`` applied (the model contract)."""
+        opts = self.resolve_options(given)
+        scale = opts.pop("guidance_scale")
+        return SamplingOptions("autoregressive (KV cache)", guidance_scale=scale, extra=opts)
 
     @torch.no_grad()
     def generate(
@@ -360,7 +363,7 @@ class DALLE(L.LightningModule):
             "n_candidates": n_candidates,
             "keep": keep if n is None else n,
         }
-        opts = self.sampling_options(given)
+        opts = self.resolve_options(given)
         check_sampling(opts, reranks=self.clip is not None)
         k, m = opts["n_candidates"], opts["keep"]
         texts = [p for p in prompts for _ in range(k)]

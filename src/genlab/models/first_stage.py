@@ -107,6 +107,8 @@ class FirstStage(L.LightningModule):
         usage_warning: warn when less than this share of the codes is used in a validation epoch.
     """
 
+    capabilities = frozenset({"reconstruct"})  # the model contract (genlab.models.contract)
+
     num_codes: int | None = None  # set by quantized models
 
     def __init__(

@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
+from genlab.models.contract import SamplingOptions
 from genlab.models.first_stage import step_uncounted
 from genlab.nn.adversarial import AdversarialLoss, discriminator_loss, generator_loss
 from genlab.nn.ema import EMA
@@ -121,6 +122,8 @@ class GAN(L.LightningModule):
         temperature: default scale of z in ``generate``.
         sample_batch_size: most images drawn at once by ``generate``.
     """
+
+    capabilities = frozenset({"generate"})  # the model contract (genlab.models.contract)
 
     config_name = "gan"  # the model config, for error messages
 
@@ -429,7 +432,7 @@ class GAN(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------
     # sampling
-    def sampling_options(self, options: dict[str, Any]) -> dict[str, Any]:
+    def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """``truncation`` and ``temperature``: those of ``options`` where given, else the
         model's."""
         opts = {
@@ -439,9 +442,9 @@ class GAN(L.LightningModule):
         self.check_sampling_options(**opts)
         return opts
 
-    def sampling_protocol(self, options: dict[str, Any]) -> dict[str, Any]:
-        """What the metrics and sample grids record of how images were drawn with ``options``."""
-        return {"sampler": "generator (one pass)", **self.sampling_options(options)}
+    def sampling_options(self, **given: Any) -> SamplingOptions:
+        """The model's truncation and temperature with ``given`` applied (the model contract)."""
+        return SamplingOptions("generator (one pass)", extra=self.resolve_options(given))
 
     @torch.no_grad()
     def generate(
@@ -462,7 +465,7 @@ class GAN(L.LightningModule):
         take ``n``. z ~ N(0, I) comes from ``generator``, truncated at ``truncation`` and scaled
         by ``temperature`` (default: the model's).
         """
-        options = self.sampling_options({"truncation": truncation, "temperature": temperature})
+        options = self.resolve_options({"truncation": truncation, "temperature": temperature})
         conds = self.generation_conditions(prompts, n, labels, generator)
         z = sample_latents(len(conds), self.z_dim, generator=generator, **options)  # (N, z_dim)
         weights = self.eval_generator()

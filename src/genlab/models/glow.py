@@ -59,6 +59,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from genlab.models.contract import SamplingOptions
 from genlab.models.first_stage import check_no_prompts
 from genlab.nn.ema import EMA
 from genlab.nn.flows import MultiScaleFlow, standard_normal_log_prob
@@ -96,6 +97,8 @@ class Glow(L.LightningModule):
         ema_decay: EMA decay of the weights used for evaluation and sampling, or None (no EMA).
         sample_batch_size: most images drawn at once by ``generate``.
     """
+
+    capabilities = frozenset({"generate"})  # the model contract (genlab.models.contract)
 
     def __init__(
         self,
@@ -232,13 +235,10 @@ class Glow(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------
     # sampling
-    def sampling_protocol(self, given: dict[str, Any]) -> dict[str, Any]:
-        """What the metrics and sample grids record of how images were drawn."""
-        temperature = given.get("temperature")
-        return {
-            "sampler": "flow inverse",
-            "temperature": self.temperature if temperature is None else temperature,
-        }
+    def sampling_options(self, *, temperature: float | None = None) -> SamplingOptions:
+        """The model's temperature, or the given one (the model contract)."""
+        temperature = self.temperature if temperature is None else temperature
+        return SamplingOptions("flow inverse", extra={"temperature": temperature})
 
     def sample_labels(self, n, labels, generator) -> torch.Tensor | None:
         """The labels to draw (class-conditional), or None; checks what the caller passed."""

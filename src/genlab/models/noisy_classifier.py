@@ -50,6 +50,8 @@ class NoisyClassifier(L.LightningModule):
             ``log_prob_grad`` then returns a zero gradient at larger t. None: every t.
     """
 
+    capabilities = frozenset()  # the model contract (genlab.models.contract)
+
     def __init__(
         self,
         *,

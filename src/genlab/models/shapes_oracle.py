@@ -59,6 +59,8 @@ class ShapesOracle(L.LightningModule):
         image_size: the resolution the network reads; other inputs are resized to it.
     """
 
+    capabilities = frozenset()  # the model contract (genlab.models.contract)
+
     def __init__(
         self,
         *,

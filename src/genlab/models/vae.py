@@ -42,6 +42,7 @@ class VAE(FirstStage):
     """
 
     condition = "none"
+    capabilities = frozenset({"generate", "reconstruct"})
 
     def __init__(
         self,

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from genlab.models.ddpm import DDPM
+from genlab.models.diffusion.model import DiffusionModel
 
 
-class NaNLossDDPM(DDPM):
+class NaNLossDDPM(DiffusionModel):
     """A DDPM whose training loss is NaN at ``nan_step`` on ``nan_rank`` (every step if -1)."""
 
     def __init__(self, *args: Any, nan_step: int = 3, nan_rank: int = 0, **kwargs: Any) -> None:

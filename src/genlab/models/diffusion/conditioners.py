@@ -52,9 +52,7 @@ def take(conditions: Conditions, rows: slice | list[int]) -> Conditions:
     """The rows ``rows`` of every entry of ``conditions``."""
     out = {}
     for key, value in conditions.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value[rows]
-        elif isinstance(rows, slice):
+        if isinstance(value, torch.Tensor) or isinstance(rows, slice):
             out[key] = value[rows]
         else:
             out[key] = [value[i] for i in rows]
@@ -363,7 +361,10 @@ class ImageEmbedConditioner(Conditioner):
         self.embed_scale = math.sqrt(self.embed_dim)
         self.drop_prob = drop_prob
         self.projection = EmbeddingConditioning(
-            embed_dim=self.embed_dim, tokens=embed_tokens, context_dim=context_dim, cond_dim=cond_dim
+            embed_dim=self.embed_dim,
+            tokens=embed_tokens,
+            context_dim=context_dim,
+            cond_dim=cond_dim,
         )
 
     @property

@@ -140,7 +140,7 @@ class DiffusionModel(L.LightningModule):
         check_arguments(condition, text_encoder, num_classes, cond_drop_prob, space, bpd_images)
         if learned_variance and continuous_time:
             raise ValueError("model.learned_variance=true needs a discrete schedule")
-        channels = space.latent_channels(channels)
+        space.check(image_size, channels)
         out_channels = getattr(net, "out_channels", None)
         if out_channels is not None and out_channels != channels * (1 + learned_variance):
             raise ValueError(
@@ -150,7 +150,8 @@ class DiffusionModel(L.LightningModule):
         self.space = space
         self.condition, self.num_classes = condition, num_classes
         self.pixel_size = image_size
-        self.image_size, self.channels = image_size // space.downsample_factor, channels
+        self.image_size = image_size // space.downsample_factor
+        self.channels = channels
         self.prediction, self.cond_drop_prob = prediction, cond_drop_prob
         self.loss_weighting, self.min_snr_gamma = loss_weighting, min_snr_gamma
         self.learned_variance, self.vlb_weight = learned_variance, vlb_weight
@@ -504,8 +505,8 @@ class DiffusionModel(L.LightningModule):
         if known is not None:
             if "inpaint" not in self.capabilities:
                 raise ValueError(
-                    f"inpainting is defined in pixel space: not available for "
-                    f"model={self.config_name}"
+                    f"known= (inpainting) is not available for model={self.config_name}: "
+                    "inpainting is defined in pixel space, without a low-resolution condition"
                 )
             known, mask = check_inpainting(known, mask, shape)
         noise = initial_noise(shape, x_T, generator)

@@ -36,7 +36,9 @@ def check_inpainting(known, mask, shape) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         torch.broadcast_shapes(mask.shape, known.shape)
     except RuntimeError as err:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not fit {tuple(known.shape)}") from err
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not fit {tuple(known.shape)}"
+        ) from err
     return known, mask
 
 

@@ -39,8 +39,8 @@ class PixelSpace(nn.Module):
     pixel_space = True
     downsample_factor = 1
 
-    def latent_channels(self, channels: int) -> int:
-        return channels
+    def check(self, image_size: int, channels: int) -> None:
+        """Refuse a model size or channel count that the space cannot hold."""
 
     def encode(self, images: torch.Tensor, *, training: bool) -> torch.Tensor:
         """x0 of a batch of images."""
@@ -112,8 +112,18 @@ class LatentSpace(PixelSpace):
     def image_size(self) -> int:
         return self.first_stage.image_size
 
-    def latent_channels(self, channels: int) -> int:
-        return self.first_stage.latent_channels
+    def check(self, image_size: int, channels: int) -> None:
+        first_stage, path = self.first_stage, self.first_stage_ckpt
+        if image_size != first_stage.image_size:
+            raise ValueError(
+                f"model.image_size={image_size} but the first stage {path} was trained at "
+                f"{first_stage.image_size} px"
+            )
+        if channels != first_stage.latent_channels:
+            raise ValueError(
+                f"model.channels={channels} but the first stage's latents have "
+                f"{first_stage.latent_channels} channels: set model.channels to that"
+            )
 
     def _apply(self, fn, recurse=True):
         self.first_stage._apply(fn, recurse)  # moves with the model, outside state_dict
@@ -169,7 +179,9 @@ class LatentSpace(PixelSpace):
             )
 
     def checkpoint_entries(self) -> dict[str, Any]:
-        return {FIRST_STAGE_KEY: {"path": self.first_stage_ckpt, "version": self.first_stage_version}}
+        return {
+            FIRST_STAGE_KEY: {"path": self.first_stage_ckpt, "version": self.first_stage_version}
+        }
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(FIRST_STAGE_KEY, {}).get("version")

@@ -27,7 +27,7 @@ CLIP.
 
 The prior holds the frozen CLIP outside its ``state_dict`` (``clip_ckpt``, rebuilt from that file
 on load, its SHA-256 checked), like LDM's first stage. A missing CLIP is built by the entry point
-(``clip_recipe``, ``genlab.utils.evaluators``), never by the model.
+(``_recipe_`` in its config, ``genlab.utils.frozen_parts``), never by the model.
 """
 
 from __future__ import annotations
@@ -305,7 +305,9 @@ class UnCLIPPrior(L.LightningModule):
             cond = self.conditioning(rows, no_drop)
 
             def denoiser_for(inputs: dict[str, torch.Tensor]):
-                return from_network(lambda x_t, t: net(x_t, t, **inputs), self.schedule, self.prediction)
+                return from_network(
+                    lambda x_t, t: net(x_t, t, **inputs), self.schedule, self.prediction
+                )
 
             if scale != 1.0:  # the null: the same captions, dropped
                 null = self.conditioning(rows, torch.ones_like(no_drop))
