@@ -402,7 +402,7 @@ def test_the_pair_needs_one_clip_and_a_changed_clip_is_refused(clip_ckpt, tmp_pa
     decoder_ckpt = run_dir / "checkpoints" / "last.ckpt"
     prior_ckpt = tmp_path / "prior.ckpt"
     trainer.save_checkpoint(prior_ckpt)
-    assert load(decoder_ckpt).clip_version != load(prior_ckpt).clip_version
+    assert load(decoder_ckpt).image_embedder().clip_version != load(prior_ckpt).clip_version
     with pytest.raises(ValueError, match="must share one"):
         UnCLIP(prior_ckpt=str(prior_ckpt), decoder_ckpt=str(decoder_ckpt))
     perturbed_copy(clip_ckpt, other, 0.02)  # the decoder's CLIP file changes after training

@@ -45,6 +45,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
+from genlab.models.contract import captions_of, check_prompts
 from genlab.utils.images import check_images
 from genlab.utils.lr_schedule import optimizers
 
@@ -164,14 +165,14 @@ class CLIP(L.LightningModule):
             ValueError: an empty list, a non-string or an empty (whitespace-only) text; the
                 message names its position.
         """
-        check_texts(texts)
+        check_prompts(texts, "text")
         with self.inference():
             chunks = [texts[i : i + ENCODE_BATCH] for i in range(0, len(texts), ENCODE_BATCH)]
             return torch.cat([self.embed_texts(chunk) for chunk in chunks])
 
     def similarity(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Cosine similarity (B,) of each image with its text (the matched pairs)."""
-        check_texts(texts)
+        check_prompts(texts, "text")
         if len(texts) != len(images):
             raise ValueError(
                 f"similarity needs one text per image: {len(images)} images, {len(texts)} texts"
@@ -354,26 +355,3 @@ def caption_ids(captions: Sequence[str]) -> torch.Tensor:
     """A stable int64 identity (BLAKE2b, not the salted ``hash``) of each caption text, (B,)."""
     digests = [hashlib.blake2b(c.encode("utf-8"), digest_size=8).digest() for c in captions]
     return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests])
-
-
-def captions_of(batch: dict[str, Any]) -> list[str]:
-    """The batch's captions, or a ValueError for a dataset without captions."""
-    if "caption" not in batch:
-        raise ValueError(
-            "model=clip needs captions: the batches have no 'caption' (use a captioned dataset "
-            "such as data=shapes, data=coco or data=image_folder with captions)"
-        )
-    return list(batch["caption"])
-
-
-def check_texts(texts: Any) -> None:
-    """Raise a ValueError naming the position of the first text that is not a non-empty str."""
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise ValueError(f"texts must be a list of str, got {type(texts).__name__}")
-    if not texts:
-        raise ValueError("texts is an empty list: pass at least one text")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"text {i} is a {type(text).__name__}, not a str")
-        if not text.strip():
-            raise ValueError(f"text {i} is empty: every text needs some words")

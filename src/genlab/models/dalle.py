@@ -49,7 +49,7 @@ from torch import nn
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
 from genlab.metrics.extractors import file_version
-from genlab.models.contract import SamplingOptions
+from genlab.models.contract import SamplingOptions, captions_of, check_prompts
 from genlab.nn.ema import EMA
 from genlab.nn.transformer import DalleTransformer
 from genlab.utils.checkpoint import load_frozen
@@ -350,6 +350,8 @@ class DALLE(L.LightningModule):
         best first, by the model's CLIP or the one at ``clip_ckpt`` (kept for later calls).
         Unset options take the model's defaults (module docstring).
         """
+        if prompts is None or isinstance(prompts, str):
+            raise ValueError("DALL-E is text-conditional: pass prompts as a list of str")
         check_prompts(prompts)
         if clip_ckpt is not None and self.frozen_parts.get("clip", {}).get("path") != clip_ckpt:
             self.use_clip(clip_ckpt, key="clip_ckpt")
@@ -484,22 +486,3 @@ def check_sampling(opts: dict[str, Any], *, reranks: bool) -> None:
             f"n_candidates={opts['n_candidates']} > keep={opts['keep']} ranks candidates with "
             "CLIP: set model.clip_ckpt (python src/train.py experiment=clip_shapes makes one)"
         )
-
-
-def check_prompts(prompts: Any) -> None:
-    if prompts is None or isinstance(prompts, str) or not isinstance(prompts, list | tuple):
-        raise ValueError("DALL-E is text-conditional: pass prompts as a list of str")
-    if not prompts:
-        raise ValueError("prompts is an empty list: pass at least one prompt")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt {i} is empty or not a str: every prompt needs some text")
-
-
-def captions_of(batch: dict[str, Any]) -> list[str]:
-    if "caption" not in batch:
-        raise ValueError(
-            "model=dalle needs captions: the batches have no 'caption' (use a captioned dataset "
-            "such as data=shapes, data=coco or data=image_folder with captions)"
-        )
-    return list(batch["caption"])

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
-from genlab.models.contract import SamplingOptions
+from genlab.models.contract import SamplingOptions, check_prompts
 from genlab.models.first_stage import step_uncounted
 from genlab.nn.adversarial import AdversarialLoss, discriminator_loss, generator_loss
 from genlab.nn.ema import EMA
@@ -482,9 +482,7 @@ class GAN(L.LightningModule):
         if self.condition == "text":
             if prompts is None or isinstance(prompts, str) or labels is not None:
                 raise ValueError("this GAN is text-conditional: pass prompts as a list of str")
-            empty = [i for i, p in enumerate(prompts) if not p.strip()]
-            if empty:
-                raise ValueError(f"prompt {empty[0]} is empty: every prompt needs some text")
+            check_prompts(prompts)
             if n is not None and n < 1:
                 raise ValueError(f"n={n}: draw at least one image per prompt")
             return [p for p in prompts for _ in range(n or 1)]

@@ -105,6 +105,14 @@ def upgrade(ckpt: dict[str, Any]) -> bool:
     return True
 
 
+def upgrade_state_dict_if_legacy(checkpoint: dict[str, Any]) -> None:
+    """For ``on_load_checkpoint`` (e.g. a resumed run): rename an old checkpoint's parameters."""
+    from genlab.utils.checkpoint import MODEL_CONFIG_KEY
+
+    if is_legacy(checkpoint.get(MODEL_CONFIG_KEY, {})) and "state_dict" in checkpoint:
+        upgrade_state_dict(checkpoint["state_dict"])
+
+
 def main(argv: list[str]) -> None:
     if len(argv) not in (1, 2):
         raise SystemExit("usage: python -m genlab.utils.legacy old.ckpt [new.ckpt]")

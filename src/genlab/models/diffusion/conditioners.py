@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.data.tokenizer import BPETokenizer, train_for_datamodule
+from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
 from genlab.diffusion.schedules import cosine_log_snr
 from genlab.models.contract import check_prompts
 from genlab.nn.unclip import EmbeddingConditioning
 from genlab.utils.checkpoint import load_frozen
 from genlab.utils.io import file_sha256
 
+CLIP_KEY = "genlab_unclip_clip"  # the CLIP file an unCLIP model was trained with
 Conditions = dict[str, Any]  # name -> list (one entry per image) or tensor (rows = images)
 
 
@@ -92,8 +93,18 @@ class Conditioner(nn.Module):
     shares_drop = False
     guided = True
 
+    def check(self, model: Any) -> None:
+        """Refuse a model this conditioner cannot work with (its network, its options)."""
+
     def setup(self, trainer: Any, model_name: str) -> None:
         """Prepare what needs the data (the text conditioner's tokenizer)."""
+
+    def checkpoint_entries(self) -> dict[str, Any]:
+        """What the model's checkpoint keeps of this conditioner outside its ``state_dict``."""
+        return {}
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_entries` saved; refuse changed frozen parts."""
 
     def from_batch(self, batch: dict[str, Any], *, training: bool) -> Conditions:
         """The conditions of a training or evaluation batch."""
@@ -155,6 +166,13 @@ class TextConditioner(Conditioner):
             max_vocab_size=self.encoder.vocab_size,
             model=model_name,
         )
+
+    def checkpoint_entries(self) -> dict[str, Any]:
+        return {} if self.tokenizer is None else {TOKENIZER_KEY: self.tokenizer.to_json()}
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if TOKENIZER_KEY in checkpoint:
+            self.tokenizer = BPETokenizer.from_json(checkpoint[TOKENIZER_KEY])
 
     def from_batch(self, batch: dict[str, Any], *, training: bool) -> Conditions:
         return {"caption": list(batch["caption"])}
@@ -221,6 +239,18 @@ class LabelConditioner(Conditioner):
         return {"label": labels}
 
 
+def build_conditioners(
+    condition: str, text_encoder: nn.Module | None, num_classes: int | None, vocab_size: int | None
+) -> dict[str, Conditioner]:
+    """The conditioner of a model's ``condition``: the caption's through ``text_encoder``, the
+    label's, or none."""
+    if condition == "text":
+        return {"text": TextConditioner(text_encoder, tokenizer_vocab_size=vocab_size)}
+    if condition == "label":
+        return {"label": LabelConditioner(num_classes)}
+    return {}
+
+
 # ----------------------------------------------------------------------------------------------
 # the low-resolution image of a super-resolution stage
 def augmentation_alpha_bar(level: torch.Tensor) -> torch.Tensor:
@@ -272,6 +302,21 @@ class LowResConditioner(Conditioner):
             )
         self.low_res_size, self.image_size = low_res_size, image_size
         self.aug_max, self.sample_aug_level = aug_max, sample_aug_level
+
+    def check(self, model: Any) -> None:
+        net = model.denoiser["net"]
+        if getattr(net, "low_res_channels", None) != model.channels or net.aug_embed is None:
+            raise ValueError(
+                "model.net must read the low-resolution image: set model.net.low_res_channels="
+                f"{model.channels} and model.net.aug_level_embedding=true"
+            )
+        if self.image_size != model.image_size:
+            raise ValueError(
+                f"model.conditioners.low_res.image_size={self.image_size} must be "
+                f"model.image_size={model.image_size}"
+            )
+        if model.bpd_images:
+            raise ValueError("model.bpd_images: bits/dim of a super-resolution stage is not done")
 
     def downsample(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) → (B, C, low, low), area-averaged: what the base stage draws."""
@@ -375,6 +420,18 @@ class ImageEmbedConditioner(Conditioner):
         self.clip._apply(fn, recurse)  # the frozen CLIP moves with the model
         return super()._apply(fn, recurse)
 
+    def check(self, model: Any) -> None:
+        if model.condition == "label":
+            raise ValueError("model.condition: an unCLIP decoder reads a caption or nothing")
+        if model.bpd_images:
+            raise ValueError("model.bpd_images: bits/dim of the unCLIP decoder is not done")
+
+    def checkpoint_entries(self) -> dict[str, Any]:
+        return {CLIP_KEY: {"path": self.clip_ckpt, "version": self.clip_version}}
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_clip_version(checkpoint, self.clip_ckpt, self.clip_version)
+
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP's unit image embeddings (B, d) of images in [-1, 1] of any size (resized to
         CLIP's with area averaging or bilinear upsampling)."""
@@ -413,6 +470,16 @@ class ImageEmbedConditioner(Conditioner):
             raise ValueError("image_embeds holds NaN or infinite values")
         rows = F.normalize(embeds, dim=-1).to(device)
         return {"image_embed": rows, "embed_drop": torch.zeros(len(rows), dtype=torch.bool)}
+
+
+def check_clip_version(checkpoint: dict[str, Any], path: str, version: str) -> None:
+    """Refuse a checkpoint trained with another CLIP file than ``path`` holds now."""
+    saved = checkpoint.get(CLIP_KEY, {}).get("version")
+    if saved is not None and saved != version:
+        raise ValueError(
+            f"the CLIP {path} has changed since this model was trained (sha256 {version}, "
+            f"trained with {saved}): its embeddings no longer match; put the original file back"
+        )
 
 
 def load_clip(path: str) -> nn.Module:

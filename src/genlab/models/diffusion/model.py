@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer
+from genlab.data.tokenizer import BPETokenizer
 from genlab.diffusion.denoiser import Denoiser, broadcast, from_network
 from genlab.diffusion.guidance import (
     Thresholding,
@@ -47,18 +47,23 @@ from genlab.models.diffusion.conditioners import (
     Conditioner,
     Conditions,
     ImageEmbedConditioner,
-    LabelConditioner,
     LowResConditioner,
     TextConditioner,
+    build_conditioners,
     merge_inputs,
     take,
 )
-from genlab.models.diffusion.sampling import check_inpainting, initial_noise, slerp
+from genlab.models.diffusion.sampling import (
+    check_arguments,
+    check_inpainting,
+    generation_conditions,
+    initial_noise,
+    slerp,
+)
 from genlab.models.diffusion.spaces import PixelSpace
 from genlab.nn.ema import EMA
+from genlab.utils.legacy import upgrade_state_dict_if_legacy
 from genlab.utils.lr_schedule import optimizers
-
-CLIP_KEY = "genlab_unclip_clip"  # the CLIP file an unCLIP decoder was trained with
 
 
 class DiffusionModel(L.LightningModule):
@@ -168,20 +173,14 @@ class DiffusionModel(L.LightningModule):
         )
         self.alpha_bar_table = self.schedule.alpha_bar(torch.arange(num_timesteps))  # float64
         self.test_bpd = MeanMetric()
-        modules: dict[str, nn.Module] = {"net": net}
-        if condition == "text":
-            modules["text"] = TextConditioner(
-                text_encoder, tokenizer_vocab_size=tokenizer_vocab_size
-            )
-        elif condition == "label":
-            modules["label"] = LabelConditioner(num_classes)
-        for name, conditioner in (conditioners or {}).items():
-            modules[name] = conditioner
+        built = build_conditioners(condition, text_encoder, num_classes, tokenizer_vocab_size)
+        modules = {"net": net, **built, **(conditioners or {})}
         self.denoiser = nn.ModuleDict(modules)
         if channels_last:
             self.denoiser.to(memory_format=torch.channels_last)
         self.ema = None if ema_decay is None else EMA(self.denoiser, decay=ema_decay)
-        self.check_conditioners()
+        for conditioner in self.conditioners.values():
+            conditioner.check(self)
 
     # ----------------------------------------------------------------------------------------
     # the parts
@@ -222,26 +221,6 @@ class DiffusionModel(L.LightningModule):
         """The shape (C, H, W) of one sample of the diffusion space."""
         return (self.channels, self.image_size, self.image_size)
 
-    def check_conditioners(self) -> None:
-        low_res = self.conditioner(LowResConditioner)
-        embed = self.conditioner(ImageEmbedConditioner)
-        if (low_res or embed) and self.bpd_images:
-            raise ValueError(f"model.bpd_images: bits/dim of model={self.config_name} is not done")
-        if embed is not None and self.condition == "label":
-            raise ValueError("model.condition: an unCLIP decoder reads a caption or nothing")
-        if low_res is not None:
-            net = self.denoiser["net"]
-            if getattr(net, "low_res_channels", None) != self.channels or net.aug_embed is None:
-                raise ValueError(
-                    "model.net must read the low-resolution image: set model.net.low_res_channels="
-                    f"{self.channels} and model.net.aug_level_embedding=true"
-                )
-            if low_res.image_size != self.image_size:
-                raise ValueError(
-                    f"model.conditioners.low_res.image_size={low_res.image_size} must be "
-                    f"model.image_size={self.image_size}"
-                )
-
     def setup(self, stage: str) -> None:
         for conditioner in self.conditioners.values():
             conditioner.setup(self.trainer, self.config_name)
@@ -259,25 +238,13 @@ class DiffusionModel(L.LightningModule):
         self.space.on_fit_start(self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.tokenizer is not None:
-            checkpoint[TOKENIZER_KEY] = self.tokenizer.to_json()
-        checkpoint.update(self.space.checkpoint_entries())
-        embed = self.conditioner(ImageEmbedConditioner)
-        if embed is not None:
-            checkpoint[CLIP_KEY] = {"path": embed.clip_ckpt, "version": embed.clip_version}
+        for part in (self.space, *self.conditioners.values()):
+            checkpoint.update(part.checkpoint_entries())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if TOKENIZER_KEY in checkpoint and self.conditioner(TextConditioner) is not None:
-            self.tokenizer = BPETokenizer.from_json(checkpoint[TOKENIZER_KEY])
-        self.space.check_checkpoint(checkpoint)
-        embed = self.conditioner(ImageEmbedConditioner)
-        saved = checkpoint.get(CLIP_KEY, {}).get("version")
-        if embed is not None and saved is not None and saved != embed.clip_version:
-            raise ValueError(
-                f"the CLIP {embed.clip_ckpt} has changed since this model was trained (sha256 "
-                f"{embed.clip_version}, trained with {saved}): its embeddings no longer match; "
-                "put the original file back"
-            )
+        upgrade_state_dict_if_legacy(checkpoint)
+        for part in (self.space, *self.conditioners.values()):
+            part.check_checkpoint(checkpoint)
 
     # ----------------------------------------------------------------------------------------
     # conditions → network inputs
@@ -495,10 +462,9 @@ class DiffusionModel(L.LightningModule):
             aug_level=aug_level,
         )
         request = {"prompts": prompts, "n": n, "labels": labels, "low_res": low_res}
-        conditions, rows = self.generation_conditions(
-            request | {"image_embeds": image_embeds, "classifier": classifier},
-            options,
-            generator,
+        request["aug_level"] = options.extra.get("aug_level")
+        conditions, rows = generation_conditions(
+            self, request | {"image_embeds": image_embeds, "classifier": classifier}, generator
         )
         targets = torch.as_tensor(labels).long() if classifier is not None else None
         shape = (rows, *self.sample_shape)
@@ -527,66 +493,6 @@ class DiffusionModel(L.LightningModule):
             x = options.sampler(denoiser, noise[part].to(self.device), generator=generator)
             chunks.append(self.space.decode(x).float().cpu())
         return torch.cat(chunks).clamp(-1, 1)
-
-    def generation_conditions(
-        self, request: dict[str, Any], options: SamplingOptions, generator
-    ) -> tuple[Conditions, int]:
-        """The conditions of every image to draw, and how many images that is."""
-        classifier = request["classifier"]
-        if classifier is not None:
-            check_classifier(self, classifier, request["labels"])
-        embed = self.conditioner(ImageEmbedConditioner)
-        if embed is not None and classifier is not None:
-            raise ValueError("classifier: not available for the unCLIP decoder")
-        if embed is None and request["image_embeds"] is not None:
-            raise ValueError("image_embeds: this model reads no CLIP image embedding")
-        per_row = request["n"] or 1
-        conditions: Conditions = {}
-        if embed is not None:  # one source row per embedding, captions optional
-            conditions = embed.for_embeddings(request["image_embeds"], self.device)
-            sources = len(conditions["image_embed"])
-            prompts = request["prompts"]
-            if self.condition == "text":
-                if prompts is not None and (isinstance(prompts, str) or len(prompts) != sources):
-                    raise ValueError(
-                        f"pass one prompt per image embedding ({sources}) as a list, or none"
-                    )
-                captions = [""] * sources if prompts is None else list(prompts)
-                if prompts is not None:
-                    TextConditioner.for_prompts(prompts, 1)  # the prompt check
-                conditions["caption"] = captions
-            elif prompts is not None:
-                raise ValueError("this decoder reads no caption: leave prompts out")
-            conditions = take(conditions, [i for i in range(sources) for _ in range(per_row)])
-        elif self.condition == "text":
-            conditions = TextConditioner.for_prompts(request["prompts"], per_row)
-        elif self.condition == "label" and classifier is None:
-            found = self.conditioner(LabelConditioner)
-            conditions = found.for_labels(request["labels"], request["n"], generator)
-        elif classifier is not None:
-            conditions = {}
-            rows = len(torch.as_tensor(request["labels"]).reshape(-1))
-            if self.condition == "label":
-                conditions = self.conditioner(LabelConditioner).for_labels(
-                    request["labels"], None, generator
-                )
-            return conditions, rows
-        elif request["n"] is None or request["n"] < 1:
-            raise ValueError(f"this model is unconditional: pass n >= 1 (got n={request['n']})")
-        rows = next((len(v) for v in conditions.values()), request["n"])
-        low_res = self.conditioner(LowResConditioner)
-        if low_res is not None:
-            conditions |= low_res.for_images(
-                request["low_res"],
-                rows,
-                self.channels,
-                options.extra["aug_level"],
-                generator,
-                self.device,
-            )
-        elif request["low_res"] is not None:
-            raise ValueError("low_res: this model is not a super-resolution stage")
-        return conditions, rows
 
     def sampling_denoiser(
         self, conditions: Conditions, *, guidance_scale: float, thresholding: Thresholding
@@ -647,32 +553,3 @@ class DiffusionModel(L.LightningModule):
         noise_device = "cpu" if generator is None else generator.device
         x_T = torch.randn((1, *self.sample_shape), generator=generator, device=noise_device)
         return self.generate(None, image_embeds=embeds, generator=generator, x_T=x_T, **kwargs)
-
-
-def check_arguments(condition, text_encoder, num_classes, cond_drop_prob, space, bpd_images):
-    """The constructor's argument checks, in words."""
-    if condition == "text" and text_encoder is None:
-        raise ValueError("model.condition='text' needs a model.text_encoder")
-    if condition == "label" and not num_classes:
-        raise ValueError("model.condition='label' needs model.num_classes")
-    if condition not in ("text", "label", "none"):
-        raise ValueError(f"model.condition={condition!r} is not one of ['label', 'none', 'text']")
-    if not 0.0 <= cond_drop_prob < 1.0:
-        raise ValueError(f"model.cond_drop_prob={cond_drop_prob} must be in [0, 1)")
-    if bpd_images and not space.pixel_space:
-        raise ValueError("model.bpd_images: bits/dim is a pixel-space bound; set it to 0")
-
-
-def check_classifier(model: DiffusionModel, classifier: Any, labels: Any) -> None:
-    """Classifier guidance needs a label or unconditional model, labels and the same schedule."""
-    if model.condition == "text":
-        raise ValueError("classifier guidance needs a label-conditional or unconditional model")
-    if labels is None:
-        raise ValueError("classifier guidance needs labels: the classes to guide towards")
-    classifier.check_schedule(model.schedule)
-    wanted = torch.as_tensor(labels).long()
-    if wanted.min() < 0 or wanted.max() >= classifier.num_classes:
-        raise ValueError(
-            f"labels must be in [0, {classifier.num_classes}) for the classifier; "
-            f"got {wanted.tolist()}"
-        )

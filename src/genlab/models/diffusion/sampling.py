@@ -3,8 +3,19 @@ inputs and the spherical interpolation of embeddings."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from genlab.models.diffusion.conditioners import (
+    Conditions,
+    ImageEmbedConditioner,
+    LabelConditioner,
+    LowResConditioner,
+    TextConditioner,
+    take,
+)
 
 
 def initial_noise(
@@ -52,3 +63,91 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tens
         return F.normalize((1 - w) * a + w * b, dim=-1)
     mixed = (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta)
     return F.normalize(mixed, dim=-1)
+
+
+def generation_conditions(model: Any, request: dict[str, Any], generator) -> tuple[Conditions, int]:
+    """The conditions of every image to draw, and how many images that is."""
+    classifier = request["classifier"]
+    if classifier is not None:
+        check_classifier(model, classifier, request["labels"])
+    embed = model.conditioner(ImageEmbedConditioner)
+    if embed is not None and classifier is not None:
+        raise ValueError("classifier: not available for the unCLIP decoder")
+    if embed is None and request["image_embeds"] is not None:
+        raise ValueError("image_embeds: this model reads no CLIP image embedding")
+    per_row = request["n"] or 1
+    conditions: Conditions = {}
+    if embed is not None:  # one source row per embedding, captions optional
+        conditions = embed.for_embeddings(request["image_embeds"], model.device)
+        sources = len(conditions["image_embed"])
+        prompts = request["prompts"]
+        if model.condition == "text":
+            if prompts is not None and (isinstance(prompts, str) or len(prompts) != sources):
+                raise ValueError(
+                    f"pass one prompt per image embedding ({sources}) as a list, or none"
+                )
+            captions = [""] * sources if prompts is None else list(prompts)
+            if prompts is not None:
+                TextConditioner.for_prompts(prompts, 1)  # the prompt check
+            conditions["caption"] = captions
+        elif prompts is not None:
+            raise ValueError("this decoder reads no caption: leave prompts out")
+        conditions = take(conditions, [i for i in range(sources) for _ in range(per_row)])
+    elif model.condition == "text":
+        conditions = TextConditioner.for_prompts(request["prompts"], per_row)
+    elif model.condition == "label" and classifier is None:
+        found = model.conditioner(LabelConditioner)
+        conditions = found.for_labels(request["labels"], request["n"], generator)
+    elif classifier is not None:
+        conditions = {}
+        rows = len(torch.as_tensor(request["labels"]).reshape(-1))
+        if model.condition == "label":
+            conditions = model.conditioner(LabelConditioner).for_labels(
+                request["labels"], None, generator
+            )
+        return conditions, rows
+    elif request["n"] is None or request["n"] < 1:
+        raise ValueError(f"this model is unconditional: pass n >= 1 (got n={request['n']})")
+    rows = next((len(v) for v in conditions.values()), request["n"])
+    low_res = model.conditioner(LowResConditioner)
+    if low_res is not None:
+        conditions |= low_res.for_images(
+            request["low_res"],
+            rows,
+            model.channels,
+            request["aug_level"],
+            generator,
+            model.device,
+        )
+    elif request["low_res"] is not None:
+        raise ValueError("low_res: this model is not a super-resolution stage")
+    return conditions, rows
+
+
+def check_arguments(condition, text_encoder, num_classes, cond_drop_prob, space, bpd_images):
+    """The constructor's argument checks, in words."""
+    if condition == "text" and text_encoder is None:
+        raise ValueError("model.condition='text' needs a model.text_encoder")
+    if condition == "label" and not num_classes:
+        raise ValueError("model.condition='label' needs model.num_classes")
+    if condition not in ("text", "label", "none"):
+        raise ValueError(f"model.condition={condition!r} is not one of ['label', 'none', 'text']")
+    if not 0.0 <= cond_drop_prob < 1.0:
+        raise ValueError(f"model.cond_drop_prob={cond_drop_prob} must be in [0, 1)")
+    if bpd_images and not space.pixel_space:
+        raise ValueError("model.bpd_images: bits/dim is a pixel-space bound; set it to 0")
+
+
+def check_classifier(model: Any, classifier: Any, labels: Any) -> None:
+    """Classifier guidance needs a label or unconditional model, labels and the same schedule."""
+    if model.condition == "text":
+        raise ValueError("classifier guidance needs a label-conditional or unconditional model")
+    if labels is None:
+        raise ValueError("classifier guidance needs labels: the classes to guide towards")
+    classifier.check_schedule(model.schedule)
+    wanted = torch.as_tensor(labels).long()
+    if wanted.min() < 0 or wanted.max() >= classifier.num_classes:
+        raise ValueError(
+            f"labels must be in [0, {classifier.num_classes}) for the classifier; "
+            f"got {wanted.tolist()}"
+        )

@@ -48,14 +48,20 @@ from genlab.diffusion.losses import mse_per_sample
 from genlab.diffusion.parametrization import Prediction, q_sample, target
 from genlab.diffusion.samplers import Sampler, resolve_sampler
 from genlab.diffusion.schedules import Schedule, ScheduleName
-from genlab.models.contract import SamplingOptions, StageOptions, captions_of, check_prompts
+from genlab.models.contract import (
+    SamplingOptions,
+    StageOptions,
+    capabilities,
+    captions_of,
+    check_prompts,
+)
 from genlab.models.diffusion.conditioners import (
-    ImageEmbedConditioner,
+    CLIP_KEY,
     Shared,
+    check_clip_version,
     clip_image_embeddings,
     load_clip,
 )
-from genlab.models.diffusion.model import CLIP_KEY
 from genlab.nn.ema import EMA
 from genlab.utils.checkpoint import load_frozen
 from genlab.utils.io import file_sha256
@@ -166,13 +172,7 @@ class UnCLIPPrior(L.LightningModule):
         checkpoint[CLIP_KEY] = {"path": self.clip_ckpt, "version": self.clip_version}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(CLIP_KEY, {}).get("version")
-        if saved is not None and saved != self.clip_version:
-            raise ValueError(
-                f"the CLIP {self.clip_ckpt} has changed since this model was trained (sha256 "
-                f"{self.clip_version}, trained with {saved}): its embeddings no longer match; "
-                "put the original file back"
-            )
+        check_clip_version(checkpoint, self.clip_ckpt, self.clip_version)
 
     # ------------------------------------------------------------------------------------------
     # the denoiser
@@ -380,13 +380,13 @@ class UnCLIP(L.LightningModule):
             needs=("generate",),
             hint="use a model=unclip_decoder checkpoint",
         )
-        embed = getattr(self.decoder, "conditioner", lambda kind: None)(ImageEmbedConditioner)
-        if embed is None:
+        if "variations" not in capabilities(self.decoder):
             raise ValueError(
                 f"model.decoder_ckpt={str(decoder_ckpt)!r} holds a "
                 f"{type(self.decoder).__name__} without a CLIP image embedding: use a "
                 "model=unclip_decoder checkpoint"
             )
+        embed = self.decoder.image_embedder()
         if self.prior.clip_version != embed.clip_version:
             raise ValueError(
                 f"the prior ({prior_ckpt}) was trained on the CLIP {self.prior.clip_ckpt} "
