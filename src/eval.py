@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from genlab.utils.checkpoint import DATA_CONFIG_KEY, model_from_checkpoint, read_checkpoint
 from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
+from genlab.utils.io import atomic_write_text
 from genlab.utils.rank_logging import RankedLogger
 from genlab.utils.task import TaskResult, extras, task_wrapper
 from genlab.utils.validation import ConfigError, validate_config
@@ -139,10 +140,7 @@ def data_config(cfg: DictConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
 @rank_zero_only
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write the report as JSON (atomically); print the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(partial, path)
+    atomic_write_text(path, json.dumps(report, indent=2, default=str) + "\n")
     log.info(f"metrics: {report['metrics']}")
     for result in report["results"]:
         print(summary_line(result))

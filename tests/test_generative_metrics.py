@@ -18,10 +18,10 @@ from genlab.metrics.evaluators import ensure_evaluator
 from genlab.metrics.extractors import (
     INCEPTION_WEIGHTS_FILE,
     InceptionV3,
-    file_version,
     find_inception_weights,
 )
 from genlab.metrics.reference import reference_features
+from genlab.utils.io import file_version
 
 
 @pytest.mark.parametrize("n,world,size", [(7, 2, 2), (8, 2, 4), (5, 3, 1), (3, 2, 64), (100, 4, 7)])

@@ -47,7 +47,6 @@ import functools
 import inspect
 import json
 import math
-import os
 import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -61,6 +60,7 @@ from torchmetrics import SumMetric
 
 import genlab
 from genlab.data.shapes import caption_cells
+from genlab.data.splits import split_dataset
 from genlab.metrics.evaluators import ensure_evaluator
 from genlab.metrics.extractors import (
     CheckpointEvaluator,
@@ -74,9 +74,10 @@ from genlab.metrics.inception_score import InceptionScore
 from genlab.metrics.kid import KID
 from genlab.metrics.precision_recall import PrecisionRecall
 from genlab.metrics.reconstruction import ReconstructionMetrics
-from genlab.metrics.reference import reference_features, split_dataset
+from genlab.metrics.reference import reference_features
 from genlab.metrics.text_image import CaptionAccuracy, CLIPScore
 from genlab.utils.images import check_images
+from genlab.utils.io import atomic_write_text
 from genlab.utils.rank_logging import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -623,11 +624,8 @@ class GenerativeMetrics(L.Callback):
     def save(self, trainer: L.Trainer, stage: str, results: list[dict]) -> None:
         """Write the results with their protocols to ``metrics/<stage>_step<step>.json``."""
         folder = Path(self.output_dir or trainer.default_root_dir, "metrics")
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{stage}_step{trainer.global_step:06d}.json"
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        os.replace(partial, path)
+        atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
 
     def note(self, key: str, message: str) -> None:
         if key not in self.warned:

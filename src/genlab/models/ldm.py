@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from genlab.metrics.extractors import file_version
-from genlab.metrics.reference import extract_split, reference_key, split_dataset, write_atomically
+from genlab.data.splits import extract_split, split_dataset
 from genlab.models.diffusion_model import DiffusionModel
 from genlab.nn.distributions import DiagonalGaussian
 from genlab.utils.checkpoint import load_frozen
+from genlab.utils.io import atomic_torch_save, description_key, file_version
 from genlab.utils.rank_logging import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -196,7 +196,7 @@ class LDM(DiffusionModel):
             probe = self.first_stage.encode(dataset[0]["image"][None].to(self.device))
         self.cached_moments = isinstance(probe, DiagonalGaussian)
         description = self.cache_description(dataset, orientations)
-        path = Path(self.cache_dir, f"{reference_key(description)}.pt")
+        path = Path(self.cache_dir, f"{description_key(description)}.pt")
         if trainer.strategy.broadcast(path.is_file(), src=0):  # rank 0 decides for every rank
             log.info(f"latent cache: reusing {path} (built before for this data and first stage)")
         else:
@@ -249,7 +249,9 @@ class LDM(DiffusionModel):
         if not torch.isfinite(latents).all():
             raise ValueError(f"the first stage's encodings overflow {CACHE_DTYPE}: cannot cache")
         if trainer.global_rank == 0:
-            write_atomically(path, {"latents": latents, "description": json.dumps(description)})
+            atomic_torch_save(
+                {"latents": latents, "description": json.dumps(description)}, path, stream=True
+            )
         trainer.strategy.barrier()
         log.info(
             f"latent cache: built {path} in {time.perf_counter() - start:.1f} s "

@@ -61,12 +61,12 @@ from genlab.diffusion.parametrization import Prediction, q_sample, target
 from genlab.diffusion.samplers import Sampler, resolve_sampler
 from genlab.diffusion.schedules import Schedule, ScheduleName
 from genlab.metrics.evaluators import ensure_evaluator
-from genlab.metrics.extractors import file_version
 from genlab.models.clip import captions_of, check_texts
 from genlab.models.diffusion_model import DiffusionModel
 from genlab.nn.ema import EMA
 from genlab.nn.unclip import EmbeddingConditioning
 from genlab.utils.checkpoint import load_frozen
+from genlab.utils.io import file_version
 from genlab.utils.lr_schedule import optimizers
 
 CLIP_KEY = "genlab_unclip_clip"  # the CLIP file a checkpoint was trained with
