@@ -28,6 +28,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.evaluation.protocol import generates
 from genlab.utils.checkpoint import DATA_CONFIG_KEY, model_from_checkpoint, read_checkpoint
 from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
@@ -113,7 +114,7 @@ def evaluate_checkpoint(
 def check_sampling(cfg: DictConfig, model: L.LightningModule) -> None:
     """Refuse sampling options for a model that does not generate (a VQ-GAN or dVAE first stage,
     measured by its reconstructions) rather than ignore them."""
-    if callable(getattr(model, "generate", None)):
+    if generates(model):
         return
     asked = [f"eval.{k}={cfg.eval.get(k)}" for k in SAMPLING_KEYS if cfg.eval.get(k) is not None]
     if cfg.get("sampler") is not None:

@@ -86,3 +86,28 @@ def reference_features(
     barrier()
     return features, description
 
+
+def reference_for(
+    trainer: Any,
+    *,
+    extractor: Any,
+    split: str,
+    num_images: int,
+    cache_dir: str | Path | None,
+    batch_size: int,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """:func:`reference_features` of ``trainer.datamodule`` with ``extractor``, sharded over
+    the trainer's ranks."""
+    return reference_features(
+        trainer.datamodule,
+        split=split,
+        num_images=num_images,
+        extract=extractor.features,
+        extractor=extractor.describe(),
+        cache_dir=cache_dir,
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
+        batch_size=batch_size,
+        device=trainer.strategy.root_device,
+        barrier=trainer.strategy.barrier,
+    )
