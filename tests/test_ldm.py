@@ -25,7 +25,8 @@ from conftest import (
     run_entry,
     shapes_data,
 )
-from genlab.data.common import LabelledArraysDataModule, labelled_splits
+from genlab.data.arrays import labelled_splits
+from genlab.data.datamodule import LabelledArraysDataModule
 from genlab.data.shapes import ShapesDataModule, ShapesDataset
 from genlab.models import ldm as ldm_module
 from genlab.models.ldm import FIRST_STAGE_KEY, LDM, cache_source
