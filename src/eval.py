@@ -28,10 +28,12 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.evaluation.protocol import generates
 from genlab.utils.checkpoint import DATA_CONFIG_KEY, model_from_checkpoint, read_checkpoint
 from genlab.utils.frozen_parts import build_missing_parts
 from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
+from genlab.utils.io import atomic_write_text
 from genlab.utils.rank_logging import RankedLogger
 from genlab.utils.task import TaskResult, extras, task_wrapper
 from genlab.utils.validation import ConfigError, validate_config
@@ -115,7 +117,7 @@ def evaluate_checkpoint(
 def check_sampling(cfg: DictConfig, model: L.LightningModule) -> None:
     """Refuse sampling options for a model that does not generate (a VQ-GAN or dVAE first stage,
     measured by its reconstructions) rather than ignore them."""
-    if callable(getattr(model, "generate", None)):
+    if generates(model):
         return
     asked = [f"eval.{k}={cfg.eval.get(k)}" for k in SAMPLING_KEYS if cfg.eval.get(k) is not None]
     if cfg.get("sampler") is not None:
@@ -142,10 +144,7 @@ def data_config(cfg: DictConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
 @rank_zero_only
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write the report as JSON (atomically); print the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(partial, path)
+    atomic_write_text(path, json.dumps(report, indent=2, default=str) + "\n")
     log.info(f"metrics: {report['metrics']}")
     for result in report["results"]:
         print(summary_line(result))

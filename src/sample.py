@@ -12,7 +12,6 @@ documented in ``conf/sample.yaml``.
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
+from genlab.evaluation.protocol import accepted_keywords
 from genlab.utils.checkpoint import load
 from genlab.utils.frozen_parts import build_missing_parts
 from genlab.utils.images import save_image_grid
@@ -132,23 +132,6 @@ def sample(cfg: DictConfig) -> TaskResult:
     log.info(f"{len(images)} images ({weights} weights) written to {out}")
     print(f"samples written to {out}")
     return {}, {"cfg": cfg, "model": model, "images": images}
-
-
-def accepted_keywords(model) -> set[str]:
-    """The keywords ``model.generate`` takes, following ``**kwargs`` up the class hierarchy to
-    the first definition that names all of its own."""
-    names: set[str] = set()
-    for cls in type(model).__mro__:
-        fn = cls.__dict__.get("generate")
-        if fn is None:
-            continue
-        params = inspect.signature(fn).parameters.values()
-        names |= {
-            p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
-        }
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names
 
 
 def image_sources(cfg: DictConfig, model, prompts) -> tuple[str, torch.Tensor] | None:

@@ -13,7 +13,7 @@ import torch
 
 import genlab
 from conftest import CLIP_RECIPE, check_ok, quiet_trainer, run_entry
-from genlab.data.common import GenDataModule
+from genlab.data.datamodule import GenDataModule
 from genlab.data.shapes import ShapesDataModule
 from genlab.models.clip import (
     CLIP,

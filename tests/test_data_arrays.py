@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from genlab.data.checks import check_batch
 from genlab.data.cifar10 import CLASS_NAMES, CIFAR10DataModule
-from genlab.data.common import check_batch
 from genlab.data.digits import DigitsDataModule
 from genlab.data.mnist import MNISTDataModule
 

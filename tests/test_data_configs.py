@@ -8,7 +8,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from genlab.data.common import GenDataModule
+from genlab.data.datamodule import GenDataModule
 from genlab.utils.instantiate import locate
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"

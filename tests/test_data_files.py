@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from genlab.data.checks import check_batch
 from genlab.data.coco import CocoDataModule
-from genlab.data.common import ImageFiles, check_batch, image_transform
+from genlab.data.files import ImageFiles, image_transform
 from genlab.data.image_folder import ImageFolderDataModule
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from genlab.data.common import check_batch
+from genlab.data.checks import check_batch
 from genlab.data.shapes import (
     CELLS,
     COLORS,

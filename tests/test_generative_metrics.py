@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from conftest import CLIP_OVERRIDES, ORACLE_OVERRIDES, TINY, check_ok, run_entry
-from genlab.callbacks.generative_metrics import chunk_seed, chunks_of
 from genlab.data.shapes import ShapesDataModule
+from genlab.evaluation.generation import chunk_seed, chunks_of
+from genlab.evaluation.references import reference_features
 from genlab.metrics.evaluators import ensure_evaluator
 from genlab.metrics.extractors import (
     INCEPTION_WEIGHTS_FILE,
     InceptionV3,
-    file_version,
     find_inception_weights,
 )
-from genlab.metrics.reference import reference_features
+from genlab.utils.io import file_version
 
 
 @pytest.mark.parametrize("n,world,size", [(7, 2, 2), (8, 2, 4), (5, 3, 1), (3, 2, 64), (100, 4, 7)])

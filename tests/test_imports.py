@@ -2,7 +2,12 @@
 
 * layers: ``nn → diffusion → models → callbacks → entry points``; a layer imports nothing from a
   layer to its right, and nothing in ``genlab`` imports the entry points;
-* ``data``, ``metrics`` and ``utils`` import nothing from ``models`` (nor ``callbacks``);
+* ``data``, ``metrics``, ``evaluation`` and ``utils`` import nothing from ``models`` (nor
+  ``callbacks``);
+* ``nn`` imports neither ``genlab.utils.checkpoint`` nor ``genlab.models`` (a pretrained part is
+  read from its checkpoint file, not rebuilt as a LightningModule);
+* ``callbacks``, ``metrics`` and ``evaluation`` import no specific dataset module
+  (``genlab.data.shapes``, ``coco``, ...): what a dataset provides is injected;
 * only ``genlab.utils`` (and the entry points) import ``hydra`` or ``omegaconf``.
 """
 
@@ -18,7 +23,9 @@ from conftest import ROOT
 SRC = ROOT / "src"
 LAYERS = ["nn", "diffusion", "models", "callbacks"]
 ENTRY_POINTS = {"train", "eval", "sample"}
-NO_MODELS = {"data", "metrics", "utils"}
+NO_MODELS = {"data", "metrics", "evaluation", "utils"}
+NO_DATASETS = {"callbacks", "metrics", "evaluation"}
+DATASETS = {"shapes", "coco", "mnist", "cifar10", "digits", "image_folder"}
 CONFIG_LIBRARIES = {"hydra", "omegaconf"}
 
 
@@ -62,6 +69,11 @@ def violations(module: str, imports: set[str]) -> list[str]:
             found.append(f"{module} imports {name}: {sub} comes before {target}")
         if sub in NO_MODELS and target in {"models", "callbacks"}:
             found.append(f"{module} imports {name}: {sub} must not depend on {target}")
+        if sub == "nn" and (target == "models" or name.startswith("genlab.utils.checkpoint")):
+            found.append(f"{module} imports {name}: nn must not depend on checkpoints or models")
+        dataset = rest.split(".")[1] if target == "data" and rest.count(".") else ""
+        if sub in NO_DATASETS and dataset in DATASETS:
+            found.append(f"{module} imports {name}: {sub} must not import a specific dataset")
     return found
 
 
@@ -93,6 +105,11 @@ def test_import_rules(path: Path) -> None:
         ("genlab.data.shapes", "import genlab.models.ddpm", "data must not depend on models"),
         ("genlab.utils.images", "from genlab.models import ddpm", "utils must not depend"),
         ("genlab.callbacks.sample_grid", "import train", "imports the entry point"),
+        ("genlab.nn.pretrained_text", "from genlab.utils.checkpoint import load", "nn must not"),
+        ("genlab.nn.unet", "def f():\n    import genlab.models.clip", "nn must not depend"),
+        ("genlab.callbacks.x", "from genlab.data.shapes import caption_cells", "specific dataset"),
+        ("genlab.metrics.fid", "import genlab.data.coco", "must not import a specific dataset"),
+        ("genlab.evaluation.measure", "from genlab.data import shapes", "specific dataset"),
     ],
 )
 def test_checker_catches_violations(module: str, source: str, broken: str) -> None:

@@ -26,7 +26,8 @@ from conftest import (
     shapes_data,
 )
 from genlab.data import latent_cache as ldm_module
-from genlab.data.common import LabelledArraysDataModule, labelled_splits
+from genlab.data.arrays import labelled_splits
+from genlab.data.datamodule import LabelledArraysDataModule
 from genlab.data.latent_cache import cache_source
 from genlab.data.shapes import ShapesDataModule, ShapesDataset
 from genlab.models.diffusion.model import DiffusionModel as LDM
@@ -218,7 +219,7 @@ def test_latent_cache_is_built_once_reused_and_rebuilt_for_a_new_first_stage(
     vae, cache = Path(shutil.copy(first_stages["vae"], tmp_path / "vae.ckpt")), tmp_path / "cache"
     fit_briefly(cached_ldm(vae, cache), tmp_path, steps=2)
     (built,) = cache.glob("*.pt")
-    assert "latent cache: built" in caplog.text and not list(cache.glob("*.partial"))
+    assert "latent cache: built" in caplog.text and not list(cache.glob(".*.tmp-*"))
     stamp = built.stat().st_mtime_ns
 
     caplog.clear()

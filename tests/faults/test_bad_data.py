@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, check_ok, run_entry
-from genlab.data.common import ImageFiles, image_transform
+from genlab.data.files import ImageFiles, image_transform
 from genlab.data.image_folder import ImageFolderDataModule
 from genlab.data.tokenizer import BPETokenizer
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import shapes_data
 from genlab.callbacks.step_seeds import StepSeeds
-from genlab.data.common import InMemoryImages
+from genlab.data.arrays import InMemoryImages
 from genlab.data.resumable import ResumableLoader, ResumableSampler, SeededItems
 
 DATA = list(range(40))

@@ -2,100 +2,38 @@
 score and caption accuracy of generated images, rFID, PSNR and SSIM of reconstructions, correct
 under DDP, each number with its protocol.
 
-The protocol (DESIGN.md, "Evaluation protocol"):
-
-* **Conditions.** Item i of the ``num_samples`` generated images gets the i-th prompt of the
-  datamodule's ``sample_prompts`` (val-split captions) for a text model, label ``i mod K`` for a
-  label model, nothing for an unconditional one.
-* **Sharding with no duplicates and no padding.** Items are cut into chunks of ``batch_size``;
-  chunk c is drawn by rank ``c mod W`` from a generator seeded from (seed, purpose, c). Every
-  item is drawn exactly once, and an item's image does not depend on the number of ranks, so a
-  DDP run gives the single-process numbers (a test checks this with 2 gloo processes). The
-  synced sample count is checked against ``num_samples``.
-* **Synced states.** Every metric is a torchmetrics metric (``genlab.metrics``) whose states are
-  synced across ranks; ``compute()`` runs on every rank; nothing collective runs on rank 0 only.
-* **Features.** ``features: auto`` uses torch-fidelity's Inception-v3 when its weights are on
-  disk (``inception_weights`` or torch-fidelity's cache) and otherwise says so in a warning and
-  uses the offline evaluator named by ``fallback`` (the shapes oracle, or CLIP image
-  embeddings). The shapes oracle also parses images for caption accuracy whenever the prompts
-  are shapes captions; CLIP (when configured) gives the CLIP score of text models. Evaluator
-  checkpoints are found or built once (``genlab.metrics.evaluators``).
-* **Reference statistics** of ``num_reference`` real images of ``reference_split`` are cached
-  on disk, keyed by the dataset description and the extractor version
-  (``genlab.metrics.reference``).
-* **Reconstructions.** A model with ``reconstruct(images)`` (the first stages: VAE, VQ-GAN,
-  dVAE) also gets the result ``reconstructed``: its reconstructions of items 0..n-1 of
-  ``reference_split`` (n = ``num_samples`` capped at the split's size), the same items as the
-  reference features, measured as if generated. FID against the reference is then rFID, the
-  reconstruction FID (Esser et al. 2021, Table 2; Rombach et al. 2022, Table 8), with KID and
-  precision/recall beside it; caption accuracy compares the reconstructions with their own
-  captions (shapes data); PSNR and SSIM compare them with the originals
-  (``genlab.metrics.reconstruction``). No Inception Score: it rates diversity and class
-  confidence, not fidelity to an input. The chunks are sharded as above; ``reconstruct`` is
-  deterministic, so no seed is involved. A model that reconstructs but does not generate (VQ-GAN,
-  dVAE) gets only this result; the VAE gets both.
-* Every result carries its protocol: extractor and version, sample and reference counts,
-  sampler, steps, guidance scale, seed, weights (EMA or raw), evaluator versions. Results go to
-  the loggers as ``<stage>/<metric>`` (``<stage>/w<scale>/<metric>`` in a guidance sweep,
-  ``<stage>/recon/<metric>`` for reconstructions, ``<stage>/real_<split>/<metric>`` for the real
-  floor) and, with their protocols, to ``<output_dir>/metrics/<stage>_step<step>.json``.
+This module holds the Lightning hooks and the wiring; the protocol they follow is described in
+``genlab.evaluation``, whose modules hold the pieces (protocol, generation, measure, tools,
+references, reconstruction).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
-import os
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from torchmetrics import SumMetric
 
-import genlab
-from genlab.data.shapes import caption_cells
-from genlab.metrics.evaluators import ensure_evaluator
-from genlab.metrics.extractors import (
-    CheckpointEvaluator,
-    CLIPImageFeatures,
-    InceptionV3,
-    find_inception_weights,
-    inception_weights_candidates,
-)
-from genlab.metrics.fid import FID
-from genlab.metrics.inception_score import InceptionScore
-from genlab.metrics.kid import KID
-from genlab.metrics.precision_recall import PrecisionRecall
-from genlab.metrics.reconstruction import ReconstructionMetrics
-from genlab.metrics.reference import reference_features, split_dataset
-from genlab.metrics.text_image import CaptionAccuracy, CLIPScore
-from genlab.utils.images import check_images
+from genlab.evaluation import protocol as proto
+from genlab.evaluation.generation import generate_chunk, sample_conditions, sampling_options
+from genlab.evaluation.measure import measure
+from genlab.evaluation.protocol import METRICS, check_options, generates, reconstructs
+from genlab.evaluation.reconstruction import evaluate_real, evaluate_reconstructed
+from genlab.evaluation.references import reference_for
+from genlab.evaluation.tools import load_tools
+from genlab.utils.io import atomic_write_text
 from genlab.utils.rank_logging import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
-GENERATION_PURPOSE = 1  # seeds of generated chunks: (seed, GENERATION_PURPOSE, chunk)
-METRICS = ("fid", "kid", "is", "pr", "caption", "clip")
 LOG_NAMES = {"reconstructed": "recon"}  # result name -> its part of the logged keys
-
-
-def chunk_seed(seed: int, chunk: int, purpose: int = GENERATION_PURPOSE) -> int:
-    """A 63-bit seed for one chunk, mixed from (seed, purpose, chunk) by numpy's SeedSequence."""
-    state = np.random.SeedSequence([seed, purpose, chunk]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) % 2**63
-
-
-def chunks_of(rank: int, world_size: int, n: int, size: int) -> list[range]:
-    """The item ranges of the chunks rank ``rank`` draws: chunks r, r + W, ... of ``size``."""
-    starts = range(0, n, size)
-    return [range(s, min(s + size, n)) for c, s in enumerate(starts) if c % world_size == rank]
 
 
 class GenerativeMetrics(L.Callback):
@@ -164,19 +102,14 @@ class GenerativeMetrics(L.Callback):
         pr_k: int = 3,
         is_splits: int = 10,
     ) -> None:
-        check(num_samples >= 2, "num_samples", num_samples, "an int >= 2")
-        check(batch_size >= 1, "batch_size", batch_size, "an int >= 1")
-        check(every_n_epochs >= 0, "every_n_epochs", every_n_epochs, "an int >= 0")
-        unknown = sorted(set(metrics) - set(METRICS))
-        check(not unknown, "metrics", metrics, f"a list from {list(METRICS)}")
-        choices = ("auto", "inception", "shapes_oracle", "clip")
-        check(features in choices, "features", features, f"one of {list(choices)}")
-        check(fallback in choices[2:], "fallback", fallback, "shapes_oracle or clip")
-        check(
-            guidance_scales is None or len(guidance_scales) > 0,
-            "guidance_scales",
-            guidance_scales,
-            "a non-empty list or null",
+        check_options(
+            num_samples=num_samples,
+            batch_size=batch_size,
+            every_n_epochs=every_n_epochs,
+            metrics=metrics,
+            features=features,
+            fallback=fallback,
+            guidance_scales=guidance_scales,
         )
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.every_n_epochs, self.on_test = every_n_epochs, on_test
@@ -248,10 +181,19 @@ class GenerativeMetrics(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> list[dict]:
         tools = self.prepare(trainer, pl_module)
         datamodule = trainer.datamodule
-        reference, ref_info = self.reference(trainer, datamodule, tools)
+        reference, ref_info = self.reference(trainer, tools)
         results = []
+
+        def measure_with(source, n, conditions, *, originals=None, skip=()) -> dict:
+            return self.measure(
+                trainer, tools, reference, conditions, source, n, originals=originals, skip=skip
+            )
+
+        def base(n: int | None = None) -> dict[str, Any]:
+            return self.base_protocol(tools, ref_info, n)
+
         if generates(pl_module):
-            conditions = self.conditions(pl_module, datamodule)
+            conditions = sample_conditions(pl_module, datamodule, self.num_samples)
             for scale in self.guidance_scales:
                 start = time.monotonic()
                 source = functools.partial(self.generate, pl_module, conditions, scale=scale)
@@ -262,336 +204,108 @@ class GenerativeMetrics(L.Callback):
                 results.append({"name": "generated", "protocol": protocol, "metrics": values})
         if reconstructs(pl_module):
             results.append(
-                self.evaluate_reconstructed(trainer, pl_module, tools, reference, ref_info)
+                evaluate_reconstructed(
+                    pl_module,
+                    datamodule,
+                    split=self.reference_split,
+                    num_samples=self.num_samples,
+                    measure=measure_with,
+                    protocol=base,
+                )
             )
         if self.real_split is not None:
-            results.append(self.evaluate_real(trainer, datamodule, tools, reference, ref_info))
+            results.append(
+                evaluate_real(
+                    datamodule,
+                    split=self.real_split,
+                    num_samples=self.num_samples,
+                    measure=measure_with,
+                    protocol=base,
+                )
+            )
         return results
 
-    def evaluate_real(self, trainer, datamodule, tools, reference, ref_info) -> dict[str, Any]:
-        """The floor: real images of ``real_split`` measured as if they were generated."""
-        dataset = split_dataset(datamodule, self.real_split)
-        n = min(self.num_samples, len(dataset))
-        conditions = own_captions(dataset, n)
-
-        def source(items: range) -> torch.Tensor:
-            return torch.stack([dataset[i]["image"] for i in items])
-
-        start = time.monotonic()
-        values = self.measure(trainer, tools, reference, conditions, source, n=n)
-        protocol = {
-            **self.base_protocol(tools, ref_info, n),
-            "num_samples": values.pop("num_samples"),
-            "source": f"real images, {self.real_split} split",
-        }
-        protocol["seconds"] = round(time.monotonic() - start, 2)
-        return {"name": f"real_{self.real_split}", "protocol": protocol, "metrics": values}
-
-    def evaluate_reconstructed(self, trainer, pl_module, tools, reference, ref_info) -> dict:
-        """rFID & co.: ``reconstruct`` of items 0..n-1 of ``reference_split``, the reference's
-        own items, measured as if generated, plus PSNR / SSIM against the originals."""
-        dataset = split_dataset(trainer.datamodule, self.reference_split)
-        n = min(self.num_samples, len(dataset))
-        conditions = own_captions(dataset, n)
-
-        @functools.lru_cache(maxsize=1)  # a chunk's originals, read once for both uses
-        def originals(items: range) -> torch.Tensor:
-            return torch.stack([dataset[i]["image"] for i in items])  # (B, C, H, W)
-
-        def source(items: range) -> torch.Tensor:
-            with torch.no_grad():
-                return pl_module.reconstruct(originals(items).to(pl_module.device))
-
-        start = time.monotonic()
-        values = self.measure(
-            trainer, tools, reference, conditions, source, n=n, originals=originals, skip={"is"}
-        )
-        protocol = {
-            **self.base_protocol(tools, ref_info, n),
-            "num_samples": values.pop("num_samples"),
-            "source": f"reconstructions of {self.reference_split} items 0..{n - 1}",
-            "weights": "EMA" if getattr(pl_module, "uses_ema", False) else "raw",
-        }
-        del protocol["is_splits"]  # no Inception Score of reconstructions
-        protocol["seconds"] = round(time.monotonic() - start, 2)
-        return {"name": "reconstructed", "protocol": protocol, "metrics": values}
-
     def measure(
-        self,
-        trainer,
-        tools,
-        reference,
-        conditions,
-        source,
-        n: int | None = None,
-        *,
-        originals=None,
-        skip: Collection[str] = (),
+        self, trainer, tools, reference, conditions, source, n=None, *, originals=None, skip=()
     ) -> dict:
-        """Draw this rank's chunks from ``source(items)``, update the synced metrics, compute.
-
-        With ``originals(items)`` the images drawn are reconstructions of those: PSNR and SSIM
-        against them are measured too. ``skip`` names metrics left out (``is`` for those).
-        """
-        n = self.num_samples if n is None else n
-        device = trainer.strategy.root_device
-        metrics = self.new_metrics(tools, reference, conditions, n, skip)
-        if originals is not None:
-            metrics["reconstruction"] = ReconstructionMetrics()
-        metrics = metrics.to(device)
-        count = SumMetric().to(device)
-        if math.ceil(n / self.batch_size) < trainer.world_size:  # a rank without items would
-            raise ValueError(  # hang the metric sync (empty cat states cannot be gathered)
-                f"callbacks.generative_metrics: {n} images in chunks of batch_size="
-                f"{self.batch_size} leave some of the {trainer.world_size} ranks without a chunk;"
-                " lower batch_size or raise num_samples"
-            )
-        for items in chunks_of(trainer.global_rank, trainer.world_size, n, self.batch_size):
-            images = source(items)
-            check_images(
-                images, name="generated images" if originals is None else "reconstructions"
-            )
-            self.update(metrics, tools, images, items, conditions, device)
-            if originals is not None:
-                metrics["reconstruction"].update(images.to(device), originals(items).to(device))
-            count.update(torch.tensor(float(len(items)), device=device))
-        total = int(count.compute().item())
-        if total != n:
-            raise RuntimeError(f"generated {total} images over all ranks, expected exactly {n}")
-        values = {"num_samples": total}
-        for name, metric in metrics.items():
-            values.update(named_values(name, metric.compute()))
-        return values
+        """Draw this rank's chunks from ``source(items)``, update the synced metrics, compute
+        (:func:`genlab.evaluation.measure.measure`); ``skip`` names metrics left out."""
+        return measure(
+            source,
+            self.num_samples if n is None else n,
+            wanted=self.metrics - set(skip),
+            settings=self.settings,
+            tools=tools,
+            reference=reference,
+            conditions=conditions,
+            batch_size=self.batch_size,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            device=trainer.strategy.root_device,
+            note=self.note,
+            originals=originals,
+        )
 
     # ------------------------------------------------------------------------------------------
     # pieces
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Load the feature extractor and evaluators once (building a missing one first)."""
-        if self.tools is not None:
-            return self.tools
-        device = trainer.strategy.root_device
-        tools: dict[str, Any] = {}
-        kind = self.features
-        if kind in ("auto", "inception"):
-            weights = find_inception_weights(self.inception_weights)
-            looked = ", ".join(str(p) for p in inception_weights_candidates(self.inception_weights))
-            if weights is not None:
-                tools["extractor"] = InceptionV3(weights, device=device)
-                kind = "inception"
-            elif kind == "inception":
-                raise FileNotFoundError(
-                    f"features=inception but no Inception weights were found (looked at {looked});"
-                    " put torch-fidelity's weights-inception-2015-12-05-6726825d.pth there, or "
-                    "use features=auto / shapes_oracle"
-                )
-            else:
-                kind = self.fallback
-                log.warning(
-                    f"Inception-v3 weights not found (looked at {looked}): FID/KID/IS/PR use the "
-                    f"offline evaluator '{kind}' instead. These numbers are NOT comparable with "
-                    "published Inception FIDs; the protocol names the extractor."
-                )
-        on_shapes = getattr(trainer.datamodule, "name", None) == "shapes"
-        if kind == "shapes_oracle" and not on_shapes:
-            log.warning(
-                f"no feature extractor for {type(trainer.datamodule).__name__}: the shapes oracle "
-                "reads only shapes images. FID/KID/IS/PR are skipped; give Inception weights "
-                "(callbacks.generative_metrics.inception_weights=...) or fallback=clip with a "
-                "CLIP trained on this data"
+        if self.tools is None:
+            self.tools = load_tools(
+                features=self.features,
+                inception_weights=self.inception_weights,
+                fallback=self.fallback,
+                evaluators=self.evaluators,
+                metrics=self.metrics,
+                pl_module=pl_module,
+                datamodule=trainer.datamodule,
+                device=trainer.strategy.root_device,
             )
-            kind = None
-        wanted_oracle = kind == "shapes_oracle" or (
-            "caption" in self.metrics
-            and (getattr(pl_module, "condition", None) == "text" or reconstructs(pl_module))
-            and self.evaluators["shapes_oracle"][0] is not None
-            and on_shapes
-        )
-        if wanted_oracle:
-            tools["oracle"] = self.load_evaluator("shapes_oracle", device)
-        wanted_clip = kind == "clip" or (
-            "clip" in self.metrics
-            and getattr(pl_module, "condition", None) == "text"
-            and self.evaluators["clip"][0] is not None
-        )
-        if wanted_clip:
-            tools["clip"] = self.load_evaluator("clip", device)
-        if kind == "shapes_oracle":
-            tools["extractor"] = tools["oracle"]
-        elif kind == "clip":
-            tools["extractor"] = CLIPImageFeatures(tools["clip"])
-        self.tools = tools
-        return tools
+        return self.tools
 
-    def load_evaluator(self, name: str, device: torch.device) -> CheckpointEvaluator:
-        """Find (or build) and load an evaluator checkpoint, frozen, on ``device``."""
-        checkpoint, recipe = self.evaluators[name]
-        if checkpoint is None:
-            raise ValueError(
-                f"callbacks.generative_metrics needs the {name} evaluator: set its checkpoint "
-                f"({'oracle' if name == 'shapes_oracle' else name}_checkpoint)"
-            )
-        path = ensure_evaluator(checkpoint, recipe, name=name)  # a lock: one build
-        module = genlab.load(path, map_location=device).requires_grad_(False)
-        evaluator = CheckpointEvaluator(module, name=name, checkpoint=path)
-        log.info(f"{name} evaluator {path} (version {evaluator.version})")
-        return evaluator
-
-    def reference(self, trainer, datamodule, tools) -> tuple[torch.Tensor | None, dict]:
+    def reference(self, trainer, tools) -> tuple[torch.Tensor | None, dict]:
         """The real features (cached), or None when no feature metric is asked for."""
         if not self.metrics & {"fid", "kid", "pr"} or "extractor" not in tools:
             return None, {}
-        extractor = tools["extractor"]
-        return reference_features(
-            datamodule,
+        return reference_for(
+            trainer,
+            extractor=tools["extractor"],
             split=self.reference_split,
             num_images=self.num_reference or self.num_samples,
-            extract=extractor.features,
-            extractor=extractor.describe(),
             cache_dir=self.cache_dir,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
             batch_size=self.batch_size,
-            device=trainer.strategy.root_device,
-            barrier=trainer.strategy.barrier,
         )
-
-    def conditions(self, pl_module: L.LightningModule, datamodule: Any) -> dict[str, list]:
-        """Prompts or labels of the ``num_samples`` items (see the module docstring)."""
-        condition = getattr(pl_module, "condition", None)
-        n = self.num_samples
-        if condition == "label":
-            return {"labels": [i % pl_module.num_classes for i in range(n)]}
-        if condition == "text":
-            prompts = datamodule.sample_prompts(n) if datamodule is not None else None
-            if not prompts:
-                raise ValueError(
-                    f"a text-conditional model needs prompts, but {type(datamodule).__name__} "
-                    "has no captions (sample_prompts)"
-                )
-            return {"prompts": [prompts[i % len(prompts)] for i in range(n)]}
-        return {}
 
     def generate(self, pl_module, conditions: dict, items: range, *, scale) -> torch.Tensor:
         """Images of ``items``: one chunk, from its own seeded generator."""
-        generator = torch.Generator().manual_seed(
-            chunk_seed(self.seed, items.start // self.batch_size)
+        options = sampling_options(self.sampling, self.generate_options, scale)
+        return generate_chunk(
+            pl_module,
+            conditions,
+            items,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            options=options,
         )
-        options = {k: v for k, v in self.sampling.items() if v is not None}
-        options |= self.generate_options
-        if scale is not None:
-            options["guidance_scale"] = scale
-        if "prompts" in conditions:
-            chosen = [conditions["prompts"][i] for i in items]
-            return pl_module.generate(chosen, generator=generator, **options)
-        if "labels" in conditions:
-            labels = [conditions["labels"][i] for i in items]
-            return pl_module.generate(labels=labels, generator=generator, **options)
-        return pl_module.generate(n=len(items), generator=generator, **options)
-
-    def new_metrics(
-        self, tools, reference, conditions, n: int, skip: Collection[str] = ()
-    ) -> torch.nn.ModuleDict:
-        """Fresh synced metrics for ``n`` images; those that cannot apply are skipped."""
-        s, metrics, wanted = self.settings, {}, self.metrics - set(skip)
-        if reference is not None:
-            if "fid" in wanted:
-                metrics["fid"] = FID(reference=reference)
-            if "kid" in wanted:
-                size = min(s["kid_subset_size"], len(reference), n)
-                metrics["kid"] = KID(
-                    reference=reference, subsets=s["kid_subsets"], subset_size=size
-                )
-            if "pr" in wanted:
-                metrics["pr"] = PrecisionRecall(reference=reference, k=s["pr_k"])
-        if "is" in wanted and callable(getattr(tools.get("extractor"), "class_probs", None)):
-            metrics["is"] = InceptionScore(splits=min(s["is_splits"], n // 2))
-        prompts = conditions.get("prompts")
-        if "caption" in wanted and "oracle" in tools and prompts:
-            if parsable(prompts):
-                metrics["caption"] = CaptionAccuracy()
-            else:
-                self.note("caption", "prompts are not shapes captions: no caption accuracy")
-        if "clip" in wanted and "clip" in tools and prompts:
-            metrics["clip"] = CLIPScore()
-        return torch.nn.ModuleDict(metrics)
-
-    def update(self, metrics, tools, images, items: range, conditions, device) -> None:
-        index = torch.tensor(list(items), device=device)
-        images = images.to(device)
-        if {"fid", "kid", "pr"} & set(metrics):
-            features = tools["extractor"].features(images).to(device)
-            for name in ("fid", "kid", "pr"):
-                if name == "fid" and name in metrics:
-                    metrics[name].update(features)
-                elif name in metrics:
-                    metrics[name].update(features, index)
-        if "is" in metrics:
-            metrics["is"].update(tools["extractor"].class_probs(images).to(device), index)
-        prompts = [conditions["prompts"][i] for i in items] if "prompts" in conditions else None
-        if "caption" in metrics:
-            wanted = torch.from_numpy(np.stack([caption_cells(p) for p in prompts])).to(device)
-            metrics["caption"].update(tools["oracle"].module.parse(images).to(device), wanted)
-        if "clip" in metrics:
-            clip = tools["clip"].module
-            metrics["clip"].update(
-                clip.encode_images(images).to(device), clip.encode_texts(prompts).to(device)
-            )
 
     # ------------------------------------------------------------------------------------------
     # protocol, logging, files
-    def base_protocol(
-        self, tools: dict[str, Any], ref_info: dict[str, Any], n: int | None = None
-    ) -> dict[str, Any]:
+    def base_protocol(self, tools, ref_info, n: int | None = None) -> dict[str, Any]:
         """Extractor, evaluator versions, reference and metric settings in effect for n images."""
         n = self.num_samples if n is None else n
-        extractor = tools.get("extractor")
-        described = (
-            extractor.describe() if extractor else {"extractor": None, "extractor_version": None}
-        )
-        protocol = {**described, **self.settings}  # with the values in effect:
-        protocol["is_splits"] = min(self.settings["is_splits"], n // 2)
-        if ref_info:
-            protocol["kid_subset_size"] = min(
-                self.settings["kid_subset_size"], ref_info["num_images"], n
-            )
-            protocol["reference"] = {
-                "split": ref_info["split"],
-                "num_images": ref_info["num_images"],
-                "key": ref_info["key"],
-            }
-        for name in ("oracle", "clip"):
-            if name in tools:
-                protocol[f"{name}_version"] = tools[name].version
-        return protocol
+        return proto.base_protocol(tools, ref_info, self.settings, n)
 
     def protocol(self, pl_module, tools, ref_info, scale, num_samples: int) -> dict[str, Any]:
         """The protocol of generated images: sampler, steps and guidance scale where the model
         has them (a VAE draws from its prior in one pass: none), seed and weights."""
-        resolve = getattr(pl_module, "resolve_sampler", None)
-        sampler = (
-            resolve(self.sampling["sampler"], self.sampling["steps"])
-            if resolve
-            else self.sampling["sampler"]
-        )
-        model_scale = getattr(pl_module, "guidance_scale", None)
-        sampling = {
-            "sampler": str(sampler) if sampler is not None else None,
-            "steps": getattr(sampler, "steps", self.sampling["steps"]),
-            "guidance_scale": model_scale if scale is None else scale,
-        }
-        own = getattr(pl_module, "sampling_protocol", None)  # a model's own settings (DALL-E)
-        if callable(own):
-            given = self.generate_options | ({} if scale is None else {"guidance_scale": scale})
-            sampling = {k: v for k, v in sampling.items() if v is not None} | own(given)
-        if all(value is None for value in sampling.values()):
-            sampling = {}
+        sampling = proto.sampling_protocol(pl_module, self.sampling, self.generate_options, scale)
         return {
             **self.base_protocol(tools, ref_info),
             "num_samples": num_samples,
             **sampling,
             **({"generate_options": self.generate_options} if self.generate_options else {}),
             "seed": self.seed,
-            "weights": "EMA" if getattr(pl_module, "uses_ema", False) else "raw",
+            "weights": proto.weights_of(pl_module),
         }
 
     def log_result(self, pl_module: L.LightningModule, stage: str, result: dict) -> None:
@@ -623,11 +337,8 @@ class GenerativeMetrics(L.Callback):
     def save(self, trainer: L.Trainer, stage: str, results: list[dict]) -> None:
         """Write the results with their protocols to ``metrics/<stage>_step<step>.json``."""
         folder = Path(self.output_dir or trainer.default_root_dir, "metrics")
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{stage}_step{trainer.global_step:06d}.json"
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        os.replace(partial, path)
+        atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
 
     def note(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -635,89 +346,6 @@ class GenerativeMetrics(L.Callback):
             self.warned.add(key)
 
     def check_sampling(self, pl_module: L.LightningModule) -> None:
-        """Refuse sampling options that a model would ignore: a first stage that does not
-        generate (VQ-GAN, dVAE) takes none; one that does takes those its ``generate`` names, or
-        those it has a setting of (``sampler``, ``guidance_scale``) when it passes ``**kwargs``
-        on. The VAE, which decodes prior samples in one pass, takes none."""
-        settings = {"sampler": "sampler", "steps": "sampler", "guidance_scale": "guidance_scale"}
-        asked = [(key, value, key) for key, value in self.sampling.items() if value is not None]
-        if len(self.guidance_scales) > 1:
-            asked.append(("guidance_scales", self.guidance_scales, "guidance_scale"))
-        elif self.guidance_scales[0] is not None:
-            asked.append(("guidance_scale", self.guidance_scales[0], "guidance_scale"))
-        name = type(pl_module).__name__
-        if asked and not generates(pl_module):
-            key, value, _ = asked[0]
-            raise ValueError(
-                f"callbacks.generative_metrics.{key}={value!r}: {name} does not generate (a first"
-                " stage, measured by its reconstructions), so it takes no sampling options; leave"
-                f" {key} null"
-            )
-        if self.generate_options and not generates(pl_module):
-            raise ValueError(
-                f"callbacks.generative_metrics.generate_options={self.generate_options}: "
-                f"{name} does not generate; leave it empty"
-            )
-        parameters = (
-            inspect.signature(pl_module.generate).parameters
-            if asked or self.generate_options
-            else {}
-        )
-        forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        unknown = sorted(set(self.generate_options) - set(parameters))
-        if unknown and not forwards:
-            raise ValueError(
-                f"callbacks.generative_metrics.generate_options.{unknown[0]}: {name}.generate "
-                f"takes no {unknown[0]!r}; it takes {sorted(parameters)}"
-            )
-        for key, value, parameter in asked:
-            has_setting = hasattr(pl_module, settings[parameter])
-            if parameter not in parameters and not (forwards and has_setting):
-                raise ValueError(
-                    f"callbacks.generative_metrics.{key}={value!r}: {name} has no {parameter} "
-                    f"(its generate does not take one); leave {key} null"
-                )
-
-
-def generates(pl_module: L.LightningModule) -> bool:
-    """Whether the module draws images with ``generate`` (the model contract)."""
-    return callable(getattr(pl_module, "generate", None))
-
-
-def reconstructs(pl_module: L.LightningModule) -> bool:
-    """Whether the module is an autoencoder with ``reconstruct(images) -> images``."""
-    return callable(getattr(pl_module, "reconstruct", None))
-
-
-def own_captions(dataset: Any, n: int) -> dict[str, list[str]]:
-    """The captions of items 0..n-1 as prompts, if every one has a caption (else nothing)."""
-    captions = [dataset[i].get("caption") for i in range(n)]
-    return {"prompts": captions} if all(isinstance(c, str) for c in captions) else {}
-
-
-def parsable(prompts: list[str]) -> bool:
-    """Whether every prompt is a shapes caption the oracle's labels can be read from."""
-    try:
-        for prompt in prompts:
-            caption_cells(prompt)
-    except ValueError:
-        return False
-    return True
-
-
-def named_values(name: str, value: Any) -> dict[str, float]:
-    """Flatten a metric's ``compute()`` into named floats: ``fid``, ``kid``/``kid_std``, ..."""
-    if isinstance(value, dict):
-        prefix = {"caption": "caption_", "clip": "", "reconstruction": ""}.get(name, f"{name}_")
-        return {f"{prefix}{k}": float(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        names = {"kid": ("kid", "kid_std"), "is": ("is", "is_std"), "pr": ("precision", "recall")}[
-            name
-        ]
-        return {k: float(v) for k, v in zip(names, value, strict=True)}
-    return {name: float(value)}
-
-
-def check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"callbacks.generative_metrics.{key}={value!r}: must be {allowed}")
+        """Refuse sampling options that the model would ignore
+        (:func:`genlab.evaluation.protocol.check_sampling`)."""
+        proto.check_sampling(pl_module, self.sampling, self.guidance_scales, self.generate_options)

@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
+from genlab.data.splits import split_dataset
 from genlab.diffusion.samplers import Sampler
-from genlab.metrics.reference import split_dataset
 from genlab.utils.images import grid_to_pil, save_image_grid
 from genlab.utils.rank_logging import RankedLogger
 

@@ -16,15 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from genlab.data.common import (
-    InMemoryImages,
-    LabelledArraysDataModule,
-    check_arg,
-    labelled_splits,
-    missing_dataset,
-    resize_images,
-    with_article,
-)
+from genlab.data.arrays import InMemoryImages, labelled_splits, resize_images
+from genlab.data.checks import check_arg, missing_dataset, with_article
+from genlab.data.datamodule import LabelledArraysDataModule
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{k}" for k in range(1, 6)]

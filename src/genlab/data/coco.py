@@ -15,19 +15,17 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from genlab.data.common import (
+from genlab.data.checks import (
     CROPS,
     BadFiles,
     Crop,
-    GenDataModule,
-    ImageFiles,
     check_arg,
     check_bad_file_args,
     check_choice,
-    check_image_files,
-    image_transform,
     missing_dataset,
 )
+from genlab.data.datamodule import GenDataModule
+from genlab.data.files import ImageFiles, check_image_files, image_transform
 
 LAYOUT = """  <root>/annotations/captions_train2017.json
   <root>/annotations/captions_val2017.json

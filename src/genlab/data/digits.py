@@ -12,16 +12,15 @@ from typing import Literal
 import torch
 from sklearn.datasets import load_digits
 
-from genlab.data.common import (
+from genlab.data.arrays import (
     DIGIT_CAPTIONS,
     DIGIT_NAMES,
     InMemoryImages,
-    LabelledArraysDataModule,
-    check_arg,
-    check_choice,
     resize_images,
     split_indices,
 )
+from genlab.data.checks import check_arg, check_choice
+from genlab.data.datamodule import LabelledArraysDataModule
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 MAX_LEVEL = 16  # load_digits pixels are counts 0..16 of an 4x4 block of a 32x32 bitmap

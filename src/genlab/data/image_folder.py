@@ -18,21 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from genlab.data.common import (
+from genlab.data.arrays import split_indices
+from genlab.data.checks import (
     CROPS,
-    IMAGE_EXTENSIONS,
     BadFiles,
     Crop,
-    GenDataModule,
-    ImageFiles,
     check_arg,
     check_bad_file_args,
     check_choice,
-    check_image_files,
-    image_transform,
     missing_dataset,
-    split_indices,
 )
+from genlab.data.datamodule import GenDataModule
+from genlab.data.files import IMAGE_EXTENSIONS, ImageFiles, check_image_files, image_transform
 
 log = logging.getLogger(__name__)
 

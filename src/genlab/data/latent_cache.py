@@ -29,8 +29,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from genlab.metrics.reference import extract_split, reference_key, split_dataset, write_atomically
+from genlab.data.splits import extract_split, split_dataset
 from genlab.nn.distributions import DiagonalGaussian
+from genlab.utils.io import atomic_torch_save, description_key
 from genlab.utils.rank_logging import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -74,7 +75,7 @@ class LatentCache:
         description = cache_description(
             trainer, dataset, orientations, first_stage_version, moments
         )
-        path = Path(cache_dir, f"{reference_key(description)}.pt")
+        path = Path(cache_dir, f"{description_key(description)}.pt")
         if trainer.strategy.broadcast(path.is_file(), src=0):  # rank 0 decides for every rank
             log.info(f"latent cache: reusing {path} (built before for this data and first stage)")
         else:
@@ -154,7 +155,9 @@ def build(
     if not torch.isfinite(latents).all():
         raise ValueError(f"the first stage's encodings overflow {CACHE_DTYPE}: cannot cache")
     if trainer.global_rank == 0:
-        write_atomically(path, {"latents": latents, "description": json.dumps(description)})
+        atomic_torch_save(
+            {"latents": latents, "description": json.dumps(description)}, path, stream=True
+        )
     trainer.strategy.barrier()
     log.info(
         f"latent cache: built {path} in {time.perf_counter() - start:.1f} s "

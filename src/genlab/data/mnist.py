@@ -18,17 +18,15 @@ from typing import Literal
 import numpy as np
 import torch
 
-from genlab.data.common import (
+from genlab.data.arrays import (
     DIGIT_CAPTIONS,
     DIGIT_NAMES,
     InMemoryImages,
-    LabelledArraysDataModule,
-    check_arg,
-    check_choice,
     labelled_splits,
-    missing_dataset,
     resize_images,
 )
+from genlab.data.checks import check_arg, check_choice, missing_dataset
+from genlab.data.datamodule import LabelledArraysDataModule
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -38,7 +38,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from genlab.data.common import GenDataModule, check_arg, check_choice
+from genlab.data.checks import check_arg, check_choice
+from genlab.data.datamodule import GenDataModule
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = {

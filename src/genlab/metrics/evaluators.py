@@ -22,6 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from genlab.utils.io import atomic_copy
+
 log = logging.getLogger(__name__)
 
 LOCK_STALE_SECONDS = 3 * 3600
@@ -137,9 +139,7 @@ def build(path: Path, recipe: list[str], *, name: str) -> None:
             f"{name}: building the evaluator with `{shown}` failed (exit code "
             f"{result.returncode}); the end of {run_dir / 'build.log'}:\n{tail}"
         )
-    partial = path.with_name(path.name + ".partial")
-    shutil.copyfile(made, partial)
-    os.replace(partial, path)  # atomic: readers see no file or the whole file
+    atomic_copy(made, path)  # atomic: readers see no file or the whole file
     info = {
         "command": shown,
         "run_dir": str(run_dir),

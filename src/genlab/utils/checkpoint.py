@@ -8,10 +8,7 @@ checkpoint alone, with no config files and no Hydra (DESIGN.md, "The model contr
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from genlab.utils.instantiate import instantiate
+from genlab.utils.io import atomic_torch_save
 
 MODEL_CONFIG_KEY = "genlab_model_config"
 DATA_CONFIG_KEY = "genlab_data_config"
@@ -127,71 +125,15 @@ def non_finite_entries(state_dict: dict[str, Any]) -> list[str]:
     ]
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically: serialize in memory (as Lightning does), write a
-    temporary file next to ``path``, flush it to disk, then rename it over ``path``. A crash, a
-    kill or a full disk at any moment leaves either the old file or the new one, complete, never
-    a partial file.
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with atomic writes (:func:`genlab.utils.io.atomic_torch_save`)
+    that refuses to write non-finite weights. ``train.py`` gives it to every trainer.
 
-    Raises:
+    Raises (from ``save_checkpoint``):
+        NonFiniteWeightsError: a weight is NaN or infinite; nothing is written.
         CheckpointWriteError: the write failed (the message names the path and the cause); the
             temporary file is removed and ``path`` is unchanged.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path)
-        buffer = io.BytesIO()  # serialize first, so that a failed write is a plain OSError
-        torch.save(obj, buffer)
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            kept = "the previous file is untouched" if path.exists() else "nothing was written"
-            error = CheckpointWriteError(
-                f"could not write checkpoint {path}: {err.strerror or err}; {kept}"
-            )
-            error.errno = err.errno
-            raise error from err
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename is still atomic
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Remove the temporaries that killed writers of ``path`` left (their process is gone)."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (on this machine)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with atomic writes (:func:`atomic_save`) that refuses to write
-    non-finite weights. ``train.py`` gives it to every trainer."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
@@ -207,4 +149,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"refusing to save {path} at step {checkpoint.get('global_step')}: the weights "
                 f"{shown} are not finite. The checkpoints written before are kept."
             )
-        atomic_save(checkpoint, path)
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as err:
+            kept = (
+                "the previous file is untouched" if Path(path).exists() else "nothing was written"
+            )
+            error = CheckpointWriteError(
+                f"could not write checkpoint {path}: {err.strerror or err}; {kept}"
+            )
+            error.errno = err.errno
+            raise error from err

@@ -116,13 +116,14 @@ def upgrade_state_dict_if_legacy(checkpoint: dict[str, Any]) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) not in (1, 2):
         raise SystemExit("usage: python -m genlab.utils.legacy old.ckpt [new.ckpt]")
-    from genlab.utils.checkpoint import atomic_save, read_checkpoint
+    from genlab.utils.checkpoint import read_checkpoint
+    from genlab.utils.io import atomic_torch_save
 
     ckpt = read_checkpoint(argv[0])
     changed = upgrade(ckpt)
     out = argv[-1]
     if changed or out != argv[0]:
-        atomic_save(ckpt, out)
+        atomic_torch_save(ckpt, out)
     print(f"{argv[0]}: {'upgraded' if changed else 'already current'} -> {out}")
 
 

@@ -32,7 +32,7 @@ from genlab.diffusion.schedules import cosine_log_snr
 from genlab.models.contract import check_prompts
 from genlab.nn.unclip import EmbeddingConditioning
 from genlab.utils.checkpoint import load_frozen
-from genlab.utils.io import file_sha256
+from genlab.utils.io import file_version
 
 CLIP_KEY = "genlab_unclip_clip"  # the CLIP file an unCLIP model was trained with
 Conditions = dict[str, Any]  # name -> list (one entry per image) or tensor (rows = images)
@@ -401,7 +401,7 @@ class ImageEmbedConditioner(Conditioner):
                 f"model.conditioners.image_embed.drop_prob={drop_prob} must be in [0, 1)"
             )
         self.frozen = Shared(load_clip(clip_ckpt))
-        self.clip_ckpt, self.clip_version = str(clip_ckpt), file_sha256(clip_ckpt)
+        self.clip_ckpt, self.clip_version = str(clip_ckpt), file_version(clip_ckpt)
         self.embed_dim = self.clip.image_projection.out_features
         self.embed_scale = math.sqrt(self.embed_dim)
         self.drop_prob = drop_prob

@@ -25,7 +25,7 @@ from genlab.data.latent_cache import LatentCache
 from genlab.models.diffusion.conditioners import Shared
 from genlab.nn.distributions import DiagonalGaussian
 from genlab.utils.checkpoint import load_frozen
-from genlab.utils.io import file_sha256
+from genlab.utils.io import file_version
 from genlab.utils.rank_logging import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -93,7 +93,7 @@ class LatentSpace(PixelSpace):
             )
         self.frozen = Shared(load_first_stage(first_stage_ckpt))
         self.first_stage_ckpt = str(first_stage_ckpt)
-        self.first_stage_version = file_sha256(first_stage_ckpt)
+        self.first_stage_version = file_version(first_stage_ckpt)
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or 1.0)))
         self.register_buffer("scale_set", torch.tensor(scale_factor is not None))
         self.cache_latents, self.cache_dir = cache_latents, cache_dir

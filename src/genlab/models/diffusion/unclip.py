@@ -64,7 +64,7 @@ from genlab.models.diffusion.conditioners import (
 )
 from genlab.nn.ema import EMA
 from genlab.utils.checkpoint import load_frozen
-from genlab.utils.io import file_sha256
+from genlab.utils.io import file_version
 from genlab.utils.lr_schedule import optimizers
 
 
@@ -116,7 +116,7 @@ class UnCLIPPrior(L.LightningModule):
         if candidates < 1:
             raise ValueError(f"model.candidates={candidates} must be at least 1")
         self.frozen = Shared(load_clip(clip_ckpt))
-        self.clip_ckpt, self.clip_version = str(clip_ckpt), file_sha256(clip_ckpt)
+        self.clip_ckpt, self.clip_version = str(clip_ckpt), file_version(clip_ckpt)
         self.embed_dim = self.clip.image_projection.out_features
         self.embed_scale = math.sqrt(self.embed_dim)  # unit vectors → unit variance per component
         text = self.clip.text_encoder
