@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
-from genlab.evaluation.protocol import accepted_keywords
+from genlab.models.contract import capabilities, resolve_sampling
 from genlab.utils.checkpoint import load
 from genlab.utils.frozen_parts import build_missing_parts
 from genlab.utils.images import save_image_grid
@@ -100,15 +100,10 @@ def sample(cfg: DictConfig) -> TaskResult:
     from_images = image_sources(cfg, model, prompts)
     out = Path(cfg.out)
     if cfg.get("clip_ckpt") is not None:
-        if not callable(getattr(model, "use_clip", None)):
+        if "rerank" not in capabilities(model):
             raise ValueError(f"clip_ckpt: {type(model).__name__} does not rank candidates")
         model.use_clip(cfg.clip_ckpt, key="clip_ckpt")
-    takes = accepted_keywords(getattr(model, "decoder", model) if from_images else model)
-    for key in options:
-        if key not in takes:
-            raise ValueError(
-                f"{key}={options[key]!r}: {type(model).__name__} does not take it (leave it null)"
-            )
+    check_inputs(model, options)
     if from_images is not None:
         method, sources = from_images
         log.info(f"{method}: {len(sources)} image(s), n={cfg.n}")
@@ -128,10 +123,33 @@ def sample(cfg: DictConfig) -> TaskResult:
         save_image_grid(images, out, nrow=cfg.n if prompts else None)
     if prompts:
         out.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
-    weights = "EMA" if getattr(model, "uses_ema", False) else "raw"
+    weights = "EMA" if model.uses_ema else "raw"
     log.info(f"{len(images)} images ({weights} weights) written to {out}")
     print(f"samples written to {out}")
     return {}, {"cfg": cfg, "model": model, "images": images}
+
+
+INPUTS = {  # generate() inputs other than sampling options, and the capability each needs
+    "known": "inpaint",
+    "mask": "inpaint",
+    "classifier": "classifier_guidance",
+    "classifier_scale": "classifier_guidance",
+}
+
+
+def check_inputs(model, options: dict) -> None:
+    """Refuse what the model cannot take (the model contract: its ``sampling_keys``, its
+    ``capabilities`` and its ``condition``), naming the option."""
+    name, found = type(model).__name__, capabilities(model)
+    if "generate" not in found:
+        raise ValueError(f"{name} does not generate: sample.py needs a generative model")
+    sampling = {k: v for k, v in options.items() if k not in INPUTS and k != "labels"}
+    resolve_sampling(model, sampling)
+    for key, needed in INPUTS.items():
+        if key in options and needed not in found:
+            raise ValueError(f"{key}={options[key]!r}: {name} does not take it (leave it null)")
+    if "labels" in options and model.condition != "label" and "classifier" not in options:
+        raise ValueError(f"labels={options['labels']!r}: {name} does not take it (leave it null)")
 
 
 def image_sources(cfg: DictConfig, model, prompts) -> tuple[str, torch.Tensor] | None:
@@ -143,7 +161,7 @@ def image_sources(cfg: DictConfig, model, prompts) -> tuple[str, torch.Tensor] |
     if variations is not None and interpolate is not None:
         raise ValueError("give variations_of=... or interpolate=[a,b], not both")
     method = "variations" if variations is not None else "interpolate"
-    if not callable(getattr(model, method, None)):
+    if "variations" not in capabilities(model):
         raise ValueError(
             f"{'variations_of' if variations is not None else 'interpolate'}: "
             f"{type(model).__name__} cannot do it (an unCLIP decoder or model=unclip can)"

@@ -13,12 +13,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from genlab.callbacks.final_validation import FinalValidation
 from genlab.callbacks.sample_grid import SampleGrid
 from genlab.diffusion.samplers import Sampler
+from genlab.models.contract import SamplingOptions
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a cyan cross"]
 
 
 class RecordingGenerator(L.LightningModule):
     """Fits one scalar; ``generate`` draws images from the generator and records its inputs."""
+
+    capabilities = frozenset({"generate"})  # the model contract
+    sampling_keys = frozenset({"sampler", "steps", "guidance_scale"})
+
+    def sampling_options(self, **given) -> SamplingOptions:
+        return SamplingOptions(given.get("sampler"), guidance_scale=given.get("guidance_scale"))
 
     def __init__(self, condition: str) -> None:
         super().__init__()

@@ -25,6 +25,7 @@ from conftest import ORACLE_OVERRIDES, ROOT, check_ok, quiet_trainer, run_entry
 from genlab.callbacks.generative_metrics import GenerativeMetrics
 from genlab.callbacks.sample_grid import SampleGrid
 from genlab.data.shapes import ShapesDataModule
+from genlab.models.contract import SamplingOptions
 from genlab.utils.checkpoint import DATA_CONFIG_KEY, MODEL_CONFIG_KEY
 from genlab.utils.validation import ConfigError
 
@@ -35,6 +36,8 @@ SIDE = 16 + 2  # a 16 px image and its 2 px padding in a grid
 
 class Autoencoder(L.LightningModule):
     """``reconstruct``: the identity, or a blur that loses detail; deterministic, no training."""
+
+    capabilities = frozenset({"reconstruct"})  # the model contract
 
     def __init__(self, blur: bool = False) -> None:
         super().__init__()
@@ -67,6 +70,12 @@ class PriorAutoencoder(Autoencoder):
     """A VAE-like first stage: it also draws unconditional samples (uniform noise here)."""
 
     condition = "none"
+    capabilities = frozenset({"generate", "reconstruct"})
+    sampling_keys = frozenset()  # it samples in one pass: no options
+    uses_ema = False
+
+    def sampling_options(self, **given) -> SamplingOptions:
+        return SamplingOptions(given.get("sampler"), extra=given)
 
     def generate(self, prompts=None, *, n, generator=None) -> torch.Tensor:
         return torch.rand(n, 3, 16, 16, generator=generator) * 2 - 1
@@ -177,7 +186,7 @@ def test_sampling_options_are_refused_where_they_cannot_apply(monkeypatch) -> No
 
     with pytest.raises(ValueError, match="sampler='ddim': ForwardingPrior has no sampler"):
         GenerativeMetrics(sampler="ddim").check_sampling(ForwardingPrior())
-    ForwardingPrior.sampler = "ddim"  # a model with a sampler setting takes one through **kwargs
+    ForwardingPrior.sampling_keys = frozenset({"sampler", "steps"})  # one that declares them
     GenerativeMetrics(sampler="ddim", steps=3).check_sampling(ForwardingPrior())
     GenerativeMetrics().check_sampling(Autoencoder())  # nothing asked: fine
     GenerativeMetrics().check_sampling(PriorAutoencoder())

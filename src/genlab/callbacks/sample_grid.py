@@ -14,6 +14,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from genlab.data.splits import split_dataset
 from genlab.diffusion.samplers import Sampler
+from genlab.evaluation.protocol import generates, reconstructs, weights_of
+from genlab.models.contract import resolve_sampling
 from genlab.utils.images import grid_to_pil, save_image_grid
 from genlab.utils.rank_logging import RankedLogger
 
@@ -102,7 +104,7 @@ class SampleGrid(L.Callback):
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, key: str) -> None:
         """Generate (or reuse this step's) grid, save it as ``samples/<name>.png`` and log it."""
-        if not callable(getattr(pl_module, "generate", None)):
+        if not generates(pl_module):
             if not self.warned_no_generate and not reconstructs(pl_module):
                 log.info(f"{type(pl_module).__name__} does not generate: no sample grids")
                 self.warned_no_generate = True
@@ -116,7 +118,7 @@ class SampleGrid(L.Callback):
             images = self.generate(trainer, pl_module, self.grid_inputs(trainer, pl_module))
             grid = save_image_grid(images, samples_dir / f"{name}.png", nrow=self.nrow)
             self.last_grid = (step, grid)
-        weights = "EMA" if getattr(pl_module, "uses_ema", False) else "raw (no EMA)"
+        weights = weights_of(pl_module).replace("raw", "raw (no EMA)")
         caption = f"step {step}, {weights} weights, {self.describe(pl_module)}, seed {self.seed}"
         log.info(f"sample grid {samples_dir / name}.png: {caption}")
         log_grid(trainer, key, grid, step, caption)
@@ -124,16 +126,10 @@ class SampleGrid(L.Callback):
             (samples_dir / "prompts.txt").write_text("\n".join(self.grid_text) + "\n")
 
     def describe(self, pl_module: L.LightningModule) -> str:
-        """The sampler and guidance scale the grids use (a model's own settings when it has a
-        ``sampling_protocol``, e.g. DALL-E's temperature and top-k / top-p)."""
-        own = getattr(pl_module, "sampling_protocol", None)
-        if callable(own):
-            given = {k: v for k, v in self.sampling.items() if v is not None}
-            return ", ".join(f"{k} {v}" for k, v in own(given).items())
-        sampler = self.sampling["sampler"] or getattr(pl_module, "sampler", None)
-        scale = self.sampling["guidance_scale"]
-        scale = getattr(pl_module, "guidance_scale", None) if scale is None else scale
-        return f"sampler {sampler}, guidance {scale}"
+        """How the grids are sampled, as the model resolves it (``sampling_options``: sampler
+        and guidance, or e.g. DALL-E's temperature and top-k / top-p)."""
+        options = resolve_sampling(pl_module, self.sampling, "callbacks.sample_grid.")
+        return ", ".join(f"{k} {v}" for k, v in options.protocol().items()) or "the model's own"
 
     def grid_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """The ``generate`` arguments shared by every grid of the run, chosen at the first one.
@@ -145,8 +141,8 @@ class SampleGrid(L.Callback):
         """
         if self.inputs is not None:
             return self.inputs
-        condition = getattr(pl_module, "condition", None)
-        datamodule = getattr(trainer, "datamodule", None)
+        condition = pl_module.condition
+        datamodule = trainer.datamodule
         prompts = self.prompts
         if condition == "label":
             labels = [i % pl_module.num_classes for i in range(self.num_samples)]
@@ -172,6 +168,7 @@ class SampleGrid(L.Callback):
         try:
             with trainer.precision_plugin.forward_context():
                 options = {k: v for k, v in self.sampling.items() if v is not None}
+                resolve_sampling(pl_module, options, "callbacks.sample_grid.")  # refuse unknown
                 return pl_module.generate(generator=generator, **inputs, **options)
         finally:
             pl_module.train(was_training)
@@ -198,7 +195,7 @@ class SampleGrid(L.Callback):
             )
             grid = save_image_grid(images, samples_dir / f"{name}.png", nrow=columns)
             self.last_recon_grid = (step, grid)
-        weights = "EMA" if getattr(pl_module, "uses_ema", False) else "raw (no EMA)"
+        weights = weights_of(pl_module).replace("raw", "raw (no EMA)")
         caption = (
             f"step {step}, {weights} weights: val items 0..{len(originals) - 1} (rows 1, 3, ...) "
             "above their reconstructions (rows 2, 4, ...)"
@@ -210,7 +207,7 @@ class SampleGrid(L.Callback):
         """The first ``num_samples`` images of the validation split, read once for the run
         (None, said once, without a datamodule)."""
         if self.recon_originals is None:
-            datamodule = getattr(trainer, "datamodule", None)
+            datamodule = trainer.datamodule
             if datamodule is None:
                 log.info("no datamodule to take validation images from: no reconstruction grid")
                 self.recon_originals = torch.empty(0)
@@ -231,11 +228,6 @@ class SampleGrid(L.Callback):
                 return pl_module.reconstruct(images.to(pl_module.device)).float().cpu()
         finally:
             pl_module.train(was_training)
-
-
-def reconstructs(pl_module: L.LightningModule) -> bool:
-    """Whether the module is an autoencoder with ``reconstruct(images) -> images``."""
-    return callable(getattr(pl_module, "reconstruct", None))
 
 
 def interleave_rows(originals: torch.Tensor, reconstructions: torch.Tensor, columns: int):

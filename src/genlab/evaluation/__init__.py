@@ -1,7 +1,7 @@
 """The pieces of a generative evaluation, used by ``callbacks.generative_metrics`` (its Lightning
 hooks and wiring) and the entry points:
 
-* ``protocol``: what a model accepts (``generates``, ``reconstructs``, ``accepted_keywords``,
+* ``protocol``: what a model accepts (``generates``, ``reconstructs`` by its capabilities,
   ``check_sampling``), the protocol dict of a result, the callback's option checks;
 * ``generation``: conditions of the generated items, chunk sharding over ranks and seeding;
 * ``measure``: the synced metrics of a set of images, updated chunk by chunk over the ranks;

@@ -43,7 +43,7 @@ def check_every_rank_has_a_chunk(n: int, batch_size: int, world_size: int) -> No
 
 def sample_conditions(pl_module: L.LightningModule, datamodule: Any, n: int) -> dict[str, list]:
     """Prompts or labels of ``n`` generated items (see the module docstring)."""
-    condition = getattr(pl_module, "condition", None)
+    condition = pl_module.condition
     if condition == "label":
         return {"labels": [i % pl_module.num_classes for i in range(n)]}
     if condition == "text":

@@ -7,40 +7,24 @@ counts, sampler, steps, guidance scale, seed, weights (EMA or raw), evaluator ve
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Collection
 from typing import Any
 
 import lightning as L
 
+from genlab.models.contract import capabilities, resolve_sampling
+
 METRICS = ("fid", "kid", "is", "pr", "caption", "clip")
 
 
 def generates(pl_module: L.LightningModule) -> bool:
-    """Whether the module draws images with ``generate`` (the model contract)."""
-    return callable(getattr(pl_module, "generate", None))
+    """Whether the module draws images (the model contract's ``generate`` capability)."""
+    return "generate" in capabilities(pl_module)
 
 
 def reconstructs(pl_module: L.LightningModule) -> bool:
-    """Whether the module is an autoencoder with ``reconstruct(images) -> images``."""
-    return callable(getattr(pl_module, "reconstruct", None))
-
-
-def accepted_keywords(model: Any) -> set[str]:
-    """The keywords ``model.generate`` takes, following ``**kwargs`` up the class hierarchy to
-    the first definition that names all of its own."""
-    names: set[str] = set()
-    for cls in type(model).__mro__:
-        fn = cls.__dict__.get("generate")
-        if fn is None:
-            continue
-        params = inspect.signature(fn).parameters.values()
-        names |= {
-            p.name for p in params if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
-        }
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names
+    """Whether the module is an autoencoder (the contract's ``reconstruct`` capability)."""
+    return "reconstruct" in capabilities(pl_module)
 
 
 def check_sampling(
@@ -48,53 +32,27 @@ def check_sampling(
     sampling: dict[str, Any],
     guidance_scales: list[float | None],
     generate_options: dict[str, Any],
+    where: str = "callbacks.generative_metrics.",
 ) -> None:
-    """Refuse sampling options that a model would ignore: a first stage that does not
-    generate (VQ-GAN, dVAE) takes none; one that does takes those its ``generate`` names, or
-    those it has a setting of (``sampler``, ``guidance_scale``) when it passes ``**kwargs``
-    on. The VAE, which decodes prior samples in one pass, takes none.
+    """Refuse sampling options that a model would ignore: a model that does not generate (a
+    first stage, measured by its reconstructions) takes none; one that does takes its
+    ``sampling_keys`` (:func:`genlab.models.contract.resolve_sampling`).
 
     Args:
         sampling: ``{"sampler": ..., "steps": ...}`` (None: the model's own).
         guidance_scales: the scales to evaluate (``[None]``: the model's own).
-        generate_options: further keywords of ``generate``.
+        generate_options: further sampling options (e.g. DALL-E's ``n_candidates``).
     """
-    settings = {"sampler": "sampler", "steps": "sampler", "guidance_scale": "guidance_scale"}
-    asked = [(key, value, key) for key, value in sampling.items() if value is not None]
-    if len(guidance_scales) > 1:
-        asked.append(("guidance_scales", guidance_scales, "guidance_scale"))
-    elif guidance_scales[0] is not None:
-        asked.append(("guidance_scale", guidance_scales[0], "guidance_scale"))
-    name = type(pl_module).__name__
-    if asked and not generates(pl_module):
-        key, value, _ = asked[0]
+    if len(guidance_scales) > 1 and not generates(pl_module):
+        name = type(pl_module).__name__
         raise ValueError(
-            f"callbacks.generative_metrics.{key}={value!r}: {name} does not generate (a first"
-            " stage, measured by its reconstructions), so it takes no sampling options; leave"
-            f" {key} null"
+            f"{where}guidance_scales={guidance_scales!r}: {name} does not generate (a first "
+            "stage, measured by its reconstructions), so it takes no sampling options; leave "
+            "guidance_scales null"
         )
-    if generate_options and not generates(pl_module):
-        raise ValueError(
-            f"callbacks.generative_metrics.generate_options={generate_options}: "
-            f"{name} does not generate; leave it empty"
-        )
-    parameters = (
-        inspect.signature(pl_module.generate).parameters if asked or generate_options else {}
-    )
-    forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    unknown = sorted(set(generate_options) - set(parameters))
-    if unknown and not forwards:
-        raise ValueError(
-            f"callbacks.generative_metrics.generate_options.{unknown[0]}: {name}.generate "
-            f"takes no {unknown[0]!r}; it takes {sorted(parameters)}"
-        )
-    for key, value, parameter in asked:
-        has_setting = hasattr(pl_module, settings[parameter])
-        if parameter not in parameters and not (forwards and has_setting):
-            raise ValueError(
-                f"callbacks.generative_metrics.{key}={value!r}: {name} has no {parameter} "
-                f"(its generate does not take one); leave {key} null"
-            )
+    for scale in guidance_scales:
+        given = sampling | {"guidance_scale": scale}
+        resolve_sampling(pl_module, given | (generate_options or {}), where)
 
 
 def base_protocol(
@@ -126,28 +84,17 @@ def sampling_protocol(
     generate_options: dict[str, Any],
     scale: float | None,
 ) -> dict[str, Any]:
-    """Sampler, steps and guidance scale where the model has them (a VAE draws from its prior
-    in one pass: none), with the model's own settings (DALL-E's ``sampling_protocol``)."""
-    resolve = getattr(pl_module, "resolve_sampler", None)
-    sampler = resolve(sampling["sampler"], sampling["steps"]) if resolve else sampling["sampler"]
-    model_scale = getattr(pl_module, "guidance_scale", None)
-    protocol = {
-        "sampler": str(sampler) if sampler is not None else None,
-        "steps": getattr(sampler, "steps", sampling["steps"]),
-        "guidance_scale": model_scale if scale is None else scale,
-    }
-    own = getattr(pl_module, "sampling_protocol", None)  # a model's own settings (DALL-E)
-    if callable(own):
-        given = generate_options | ({} if scale is None else {"guidance_scale": scale})
-        protocol = {k: v for k, v in protocol.items() if v is not None} | own(given)
-    if all(value is None for value in protocol.values()):
-        protocol = {}
-    return protocol
+    """What the model samples with for these options, every default resolved by the model
+    (``sampling_options(**given).protocol()``); empty for a model that does not generate."""
+    if not generates(pl_module):
+        return {}
+    given = sampling | (generate_options or {}) | {"guidance_scale": scale}
+    return resolve_sampling(pl_module, given).protocol()
 
 
 def weights_of(pl_module: L.LightningModule) -> str:
-    """``EMA`` or ``raw``: the weights a model generates with."""
-    return "EMA" if getattr(pl_module, "uses_ema", False) else "raw"
+    """``EMA`` or ``raw``: the weights a model generates with (the contract's ``uses_ema``)."""
+    return "EMA" if generates(pl_module) and pl_module.uses_ema else "raw"
 
 
 def named_values(name: str, value: Any) -> dict[str, float]:

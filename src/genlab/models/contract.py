@@ -1,7 +1,8 @@
 """The model contract: what the entry points and callbacks may ask of a genlab model.
 
 Every LightningModule of ``genlab.models`` declares what it can do in ``capabilities`` (a set of
-the names below) instead of being probed with ``hasattr``:
+the names below) instead of being probed with ``hasattr``; a generative model also declares its
+``sampling_keys`` (the options ``sampling_options`` takes), ``condition`` and ``uses_ema``:
 
 | capability | the model has | used by |
 | --- | --- | --- |
@@ -9,6 +10,8 @@ the names below) instead of being probed with ``hasattr``:
 | ``reconstruct`` | ``reconstruct(images)`` → images | reconstruction metrics and grids |
 | ``variations`` | ``variations(images, n=)`` and ``interpolate(images, n=)`` | ``sample.py variations_of= / interpolate=`` |
 | ``inpaint`` | ``generate(known=, mask=)`` | ``sample.py inpaint_image=`` |
+| ``rerank`` | ``use_clip(ckpt)``: rank ``n_candidates`` by a CLIP | ``sample.py clip_ckpt=`` |
+| ``classifier_guidance`` | ``generate(labels=, classifier=, classifier_scale=)`` | ``sample.py classifier_ckpt=`` |
 
 ``condition`` is ``"text"``, ``"label"`` or ``"none"``: what ``generate`` is asked with. A
 *composite* (the Imagen cascade, the unCLIP pair) chains checkpoints and does not train; its
@@ -28,7 +31,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 Condition = Literal["text", "label", "none"]
-CAPABILITIES = ("generate", "reconstruct", "variations", "inpaint")
+CAPABILITIES = ("generate", "reconstruct", "variations", "inpaint", "classifier_guidance", "rerank")
 
 
 @runtime_checkable
@@ -37,6 +40,7 @@ class GenerativeModel(Protocol):
 
     condition: Condition
     capabilities: frozenset[str]
+    sampling_keys: frozenset[str]
     uses_ema: bool
 
     def generate(self, prompts: list[str] | None = None, **options: Any) -> torch.Tensor: ...
@@ -113,6 +117,30 @@ class StageOptions:
 def capabilities(model: Any) -> frozenset[str]:
     """What ``model`` declares it can do (empty for a module outside the contract)."""
     return frozenset(getattr(model, "capabilities", ()))
+
+
+def resolve_sampling(model: Any, given: dict[str, Any], where: str = "") -> SamplingOptions:
+    """``model.sampling_options(**given)`` (None values dropped), after checking that the model
+    generates and that every given key is one of its ``sampling_keys``; errors name the config
+    key as ``<where><key>=<value>``."""
+    given = {k: v for k, v in given.items() if v is not None}
+    name = type(model).__name__
+    if "generate" not in capabilities(model):
+        if given:
+            key, value = next(iter(given.items()))
+            raise ValueError(
+                f"{where}{key}={value!r}: {name} does not generate (a first stage, measured by "
+                f"its reconstructions), so it takes no sampling options; leave {key} null"
+            )
+        return SamplingOptions()
+    allowed = frozenset(model.sampling_keys)
+    for key, value in given.items():
+        if key not in allowed:
+            raise ValueError(
+                f"{where}{key}={value!r}: {name} has no {key} (its sampling options are "
+                f"{sorted(allowed)}); leave {key} null"
+            )
+    return model.sampling_options(**given)
 
 
 def check_prompts(prompts: Any, what: str = "prompt") -> None:

@@ -82,7 +82,10 @@ class DALLE(L.LightningModule):
 
     config_name = "dalle"
     condition = "text"
-    capabilities = frozenset({"generate"})
+    capabilities = frozenset({"generate", "rerank"})
+    sampling_keys = frozenset(
+        ("guidance_scale", "temperature", "top_k", "top_p", "n_candidates", "keep", "clip_ckpt")
+    )
 
     def __init__(
         self,

@@ -108,6 +108,8 @@ class FirstStage(L.LightningModule):
     """
 
     capabilities = frozenset({"reconstruct"})  # the model contract (genlab.models.contract)
+    condition = "none"
+    uses_ema = False
 
     num_codes: int | None = None  # set by quantized models
 

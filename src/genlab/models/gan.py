@@ -124,6 +124,7 @@ class GAN(L.LightningModule):
     """
 
     capabilities = frozenset({"generate"})  # the model contract (genlab.models.contract)
+    sampling_keys = frozenset({"truncation", "temperature"})
 
     config_name = "gan"  # the model config, for error messages
 

@@ -99,6 +99,7 @@ class Glow(L.LightningModule):
     """
 
     capabilities = frozenset({"generate"})  # the model contract (genlab.models.contract)
+    sampling_keys = frozenset({"temperature"})
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from genlab.models.contract import SamplingOptions
 from genlab.models.first_stage import AutoencoderOutput, FirstStage, check_no_prompts
 from genlab.nn.distributions import DiagonalGaussian
 from genlab.utils.ramps import Ramp
@@ -43,6 +44,11 @@ class VAE(FirstStage):
 
     condition = "none"
     capabilities = frozenset({"generate", "reconstruct"})
+    sampling_keys = frozenset({"temperature"})
+
+    def sampling_options(self, *, temperature: float | None = None) -> SamplingOptions:
+        """Decoding prior samples has one option, the prior's temperature (the contract)."""
+        return SamplingOptions(extra={} if temperature is None else {"temperature": temperature})
 
     def __init__(
         self,

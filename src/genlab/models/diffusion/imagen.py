@@ -37,6 +37,7 @@ class ImagenCascade(L.LightningModule):
 
     condition = "text"
     capabilities = frozenset({"generate"})
+    sampling_keys = frozenset({"guidance_scale", "thresholding"})  # the base stage's
 
     def __init__(self, *, stages: list[str], options: list[dict[str, Any]] | None = None):
         super().__init__()
@@ -72,7 +73,7 @@ class ImagenCascade(L.LightningModule):
 
     @property
     def uses_ema(self) -> bool:
-        return all(getattr(stage, "uses_ema", False) for stage in self.stages)
+        return all(stage.uses_ema for stage in self.stages)
 
     def stage_options(self, **given: Any) -> list[dict[str, Any]]:
         """Each stage's ``generate`` options; ``given`` (guidance scale, thresholding) apply to

@@ -195,12 +195,27 @@ class DiffusionModel(L.LightningModule):
 
     @property
     def capabilities(self) -> frozenset[str]:
+        """What it can do (the model contract): inpainting and classifier guidance in pixel
+        space, variations with a CLIP image embedding."""
+        low_res, embed = (
+            self.conditioner(LowResConditioner),
+            self.conditioner(ImageEmbedConditioner),
+        )
         found = {"generate"}
-        if self.space.pixel_space and self.conditioner(LowResConditioner) is None:
+        if self.space.pixel_space and low_res is None:
             found.add("inpaint")
-        if self.conditioner(ImageEmbedConditioner) is not None:
+            if self.condition != "text" and embed is None:
+                found.add("classifier_guidance")
+        if embed is not None:
             found.add("variations")
         return frozenset(found)
+
+    @property
+    def sampling_keys(self) -> frozenset[str]:
+        keys = {"sampler", "steps", "guidance_scale", "thresholding"}
+        if self.conditioner(LowResConditioner) is not None:
+            keys.add("aug_level")
+        return frozenset(keys)
 
     @property
     def uses_ema(self) -> bool:
@@ -406,11 +421,12 @@ class DiffusionModel(L.LightningModule):
         unknown = sorted(k for k, v in extra.items() if v is not None)
         if unknown:
             raise ValueError(f"unknown sampling option(s) {unknown} for model={self.config_name}")
+        spec = resolve_sampler(self.sampler, sampler, steps)
         return SamplingOptions(
-            sampler=resolve_sampler(self.sampler, sampler, steps),
+            sampler=spec,
             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
             thresholding=thresholding or self.thresholding,
-            extra=found,
+            extra={"steps": spec.steps, **found},
         )
 
     def guided(self, guidance_scale: float) -> bool:

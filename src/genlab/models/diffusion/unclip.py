@@ -358,6 +358,7 @@ class UnCLIP(L.LightningModule):
 
     condition = "text"
     capabilities = frozenset({"generate", "variations"})
+    sampling_keys = frozenset(DECODER_KEYS)  # the decoder's
 
     def __init__(
         self,
