@@ -15,7 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import genlab
-from conftest import TINY, check_ok, run_entry
+from conftest import ORACLE_OVERRIDES, TINY, check_ok, run_entry
 
 SIDE = 16 + 2  # a 16 px image and its 2 px padding in a grid
 
@@ -114,7 +114,12 @@ def test_eval_writes_metrics_json(trained_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "eval"
     ckpt = next((trained_run / "checkpoints").glob("epoch_*.ckpt"))
     result = run_entry(
-        "eval.py", f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}", tmp_path=tmp_path
+        "eval.py",
+        f"ckpt_path={ckpt}",
+        f"hydra.run.dir={run_dir}",
+        "eval.num_samples=8",
+        *ORACLE_OVERRIDES,  # the tests' tiny oracle, not a build of the default one
+        tmp_path=tmp_path,
     )
     check_ok(result)
     assert f"metrics written to {run_dir / 'metrics.json'}" in result.stdout
