@@ -15,7 +15,7 @@ import genlab
 from conftest import CLIP_RECIPE, check_ok, quiet_trainer, run_entry
 from genlab.data.datamodule import GenDataModule
 from genlab.data.shapes import ShapesDataModule
-from genlab.models.clip import (
+from genlab.models.evaluators.clip import (
     CLIP,
     SplitEmbeddings,
     caption_ids,
@@ -27,7 +27,7 @@ from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 
 MODEL = {
-    "_target_": "genlab.models.clip.CLIP",
+    "_target_": "genlab.models.evaluators.clip.CLIP",
     "image_encoder": {
         "_target_": "genlab.nn.image_encoder.ImageEncoder",
         "channels": [16, 32],

@@ -24,7 +24,7 @@ from conftest import (
     shapes_data,
 )
 from genlab.data.tokenizer import BPETokenizer
-from genlab.models.dalle import DALLE, sample_logits
+from genlab.models.autoregressive.dalle import DALLE, sample_logits
 from genlab.nn.transformer import DalleTransformer, attention_mask
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate

@@ -263,7 +263,7 @@ def test_bits_per_dim_at_test_time_is_a_bound_independent_of_batching(tmp_path):
 
 def test_classifier_guidance_through_generate():
     """An unconditional model guided by a noisy classifier on its schedule; wrong use refused."""
-    from genlab.models.noisy_classifier import NoisyClassifier
+    from genlab.models.diffusion.noisy_classifier import NoisyClassifier
     from genlab.nn.classifier import NoisyClassifierNet
 
     def classifier(**kw):

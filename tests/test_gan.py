@@ -1,4 +1,4 @@
-"""The GAN (``genlab/models/gan.py``, ``genlab/nn/gan.py``): one generator and one discriminator
+"""The GAN (``genlab/models/adversarial/gan.py``, ``genlab/nn/gan.py``): one generator and one discriminator
 step per batch, the projection discriminator, the R1 penalty against finite differences, sampling
 with the EMA weights, and the recipe through the real entry point."""
 
@@ -22,8 +22,8 @@ from conftest import (
     shapes_data,
 )
 from genlab.data.tokenizer import BPETokenizer
-from genlab.models import gan as gan_module
-from genlab.models.gan import GAN, sample_latents
+from genlab.models.adversarial import gan as gan_module
+from genlab.models.adversarial.gan import GAN, sample_latents
 from genlab.nn.gan import DCGANDiscriminator, DCGANGenerator, r1_penalty
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate

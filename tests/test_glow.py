@@ -1,4 +1,4 @@
-"""Glow (``genlab.nn.flows``, ``genlab.models.glow``): every layer and the multi-scale flow invert
+"""Glow (``genlab.nn.flows``, ``genlab.models.flows.glow``): every layer and the multi-scale flow invert
 exactly and their log-determinants equal brute-force log|det J|; ActNorm's data-dependent
 initialization; bits/dim as the density of the 8-bit variable; training, sampling, the
 class-conditional prior, and the recipe through ``train.py``."""
@@ -17,7 +17,7 @@ from torch.autograd.functional import jacobian
 
 import genlab
 from conftest import ORACLE_OVERRIDES, check_ok, quiet_trainer, run_entry, shapes_data
-from genlab.models.glow import Glow, to_flow_space, to_images
+from genlab.models.flows.glow import Glow, to_flow_space, to_images
 from genlab.nn.flows import (
     ActNorm,
     AffineCoupling,

@@ -8,6 +8,8 @@
   read from its checkpoint file, not rebuilt as a LightningModule);
 * ``callbacks``, ``metrics`` and ``evaluation`` import no specific dataset module
   (``genlab.data.shapes``, ``coco``, ...): what a dataset provides is injected;
+* a model family (``genlab.models.<family>``) imports no other family, only the contract
+  (``genlab.models.contract``, which imports nothing from genlab) and its own folder;
 * only ``genlab.utils`` (and the entry points) import ``hydra`` or ``omegaconf``.
 """
 
@@ -28,6 +30,14 @@ NO_DATASETS = {"callbacks", "metrics", "evaluation"}
 DATASETS = {"shapes", "coco", "mnist", "cifar10", "digits", "image_folder"}
 CONFIG_LIBRARIES = {"hydra", "omegaconf"}
 CONTRACT = "genlab.models.contract"
+FAMILIES = {  # genlab.models.<family>: one folder per family of the lineage
+    "autoencoders",
+    "autoregressive",
+    "diffusion",
+    "adversarial",
+    "flows",
+    "evaluators",
+}
 
 
 def module_name(path: Path) -> str:
@@ -73,10 +83,29 @@ def violations(module: str, imports: set[str]) -> list[str]:
             found.append(f"{module} imports {name}: {sub} must not depend on {target}")
         if sub == "nn" and (target == "models" or name.startswith("genlab.utils.checkpoint")):
             found.append(f"{module} imports {name}: nn must not depend on checkpoints or models")
+        found += family_violations(module, name)
         dataset = rest.split(".")[1] if target == "data" and rest.count(".") else ""
         if sub in NO_DATASETS and dataset in DATASETS:
             found.append(f"{module} imports {name}: {sub} must not import a specific dataset")
     return found
+
+
+def family_violations(module: str, name: str) -> list[str]:
+    """A model family imports no other family: ``genlab.models.<family>`` may read the contract
+    (the families' one shared base) and its own folder; every model module sits in a family."""
+    parts = module.split(".")
+    if parts[:2] != ["genlab", "models"] or len(parts) < 3:
+        return []
+    if parts[2] not in FAMILIES and parts[2] != "contract":
+        return [f"{module}: a model module belongs in a family folder {sorted(FAMILIES)}"]
+    target = name.split(".")
+    if target[:2] != ["genlab", "models"] or len(target) < 3 or target[2] == "contract":
+        if parts[2] == "contract" and name.startswith("genlab"):
+            return [f"{module} imports {name}: the contract imports nothing from genlab"]
+        return []
+    if target[2] != parts[2]:
+        return [f"{module} imports {name}: the {parts[2]} family must not import {target[2]}"]
+    return []
 
 
 SOURCES = sorted((SRC / "genlab").rglob("*.py")) + sorted(SRC.glob("*.py"))
@@ -103,15 +132,26 @@ def test_import_rules(path: Path) -> None:
             "nn comes before models",
         ),
         ("genlab.diffusion.samplers", "from ..callbacks import x", "diffusion comes before"),
-        ("genlab.models.ddpm", "def f():\n    import omegaconf", "only genlab.utils may"),
+        ("genlab.models.flows.glow", "def f():\n    import omegaconf", "only genlab.utils may"),
         ("genlab.data.shapes", "import genlab.models.ddpm", "data must not depend on models"),
         ("genlab.utils.images", "from genlab.models import ddpm", "utils must not depend"),
         ("genlab.callbacks.sample_grid", "import train", "imports the entry point"),
         ("genlab.nn.pretrained_text", "from genlab.utils.checkpoint import load", "nn must not"),
-        ("genlab.nn.unet", "def f():\n    import genlab.models.clip", "nn must not depend"),
+        (
+            "genlab.nn.unet",
+            "def f():\n    import genlab.models.evaluators.clip",
+            "nn must not depend",
+        ),
         ("genlab.callbacks.x", "from genlab.data.shapes import caption_cells", "specific dataset"),
         ("genlab.metrics.fid", "import genlab.data.coco", "must not import a specific dataset"),
         ("genlab.evaluation.measure", "from genlab.data import shapes", "specific dataset"),
+        (
+            "genlab.models.diffusion.model",
+            "from genlab.models.autoencoders.vae import VAE",
+            "the diffusion family must not import autoencoders",
+        ),
+        ("genlab.models.ddpm", "import torch", "belongs in a family folder"),
+        ("genlab.models.contract", "from genlab.nn.unet import UNet", "imports nothing from"),
     ],
 )
 def test_checker_catches_violations(module: str, source: str, broken: str) -> None:
@@ -121,5 +161,8 @@ def test_checker_catches_violations(module: str, source: str, broken: str) -> No
 
 def test_checker_allows_the_permitted_direction() -> None:
     allowed = "from genlab.nn.unet import UNet\nfrom ..diffusion import samplers\nimport torch"
-    assert violations("genlab.models.ddpm", imported_modules(allowed, "genlab.models.ddpm")) == []
+    module = "genlab.models.diffusion.x"
+    assert violations(module, imported_modules(allowed, module)) == []
+    shared = "from genlab.models.contract import SamplingOptions\nfrom . import conditioners"
+    assert violations(module, imported_modules(shared, module)) == []
     assert violations("genlab.utils.task", imported_modules("import omegaconf", "x")) == []

@@ -17,7 +17,7 @@ from conftest import CONF, TINY, check_ok, quiet_trainer, run_entry
 from genlab.data.digits import DigitsDataModule
 from genlab.data.shapes import ShapesDataModule
 from genlab.diffusion.schedules import Schedule
-from genlab.models.noisy_classifier import NoisyClassifier
+from genlab.models.diffusion.noisy_classifier import NoisyClassifier
 from genlab.nn.classifier import NoisyClassifierNet
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
@@ -31,7 +31,7 @@ NET = {
     "heads": 2,
 }
 MODEL = {
-    "_target_": "genlab.models.noisy_classifier.NoisyClassifier",
+    "_target_": "genlab.models.diffusion.noisy_classifier.NoisyClassifier",
     "net": NET,
     "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 2e-3},
     "num_classes": 10,

@@ -318,7 +318,7 @@ def test_missing_hf_models_fail_fast_without_network(tmp_path):
 
 
 TINY_CLIP = {
-    "_target_": "genlab.models.clip.CLIP",
+    "_target_": "genlab.models.evaluators.clip.CLIP",
     "image_encoder": {
         "_target_": "genlab.nn.image_encoder.ImageEncoder",
         "channels": [8],

@@ -26,7 +26,7 @@ from genlab.data.shapes import (
     cell_attributes,
     cells_from_attributes,
 )
-from genlab.models.shapes_oracle import ShapesOracle
+from genlab.models.evaluators.shapes_oracle import ShapesOracle
 from genlab.nn.shapes_parser import ShapesParserNet
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
@@ -38,7 +38,7 @@ NET = {
     "feature_dim": 64,
 }
 MODEL = {
-    "_target_": "genlab.models.shapes_oracle.ShapesOracle",
+    "_target_": "genlab.models.evaluators.shapes_oracle.ShapesOracle",
     "net": NET,
     "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3},
     "lr_scheduler": {

@@ -266,7 +266,7 @@ def cell_attributes(scene: Scene) -> np.ndarray:
     """Per-cell labels ``(9, 3)`` int64, row-major as :data:`CELLS`: the (shape, color, size)
     indices into :data:`SHAPES`, :data:`COLOR_NAMES`, :data:`SIZE_NAMES`; -1 for an empty cell.
 
-    The format of the shapes oracle's ``parse`` (``genlab.models.shapes_oracle``).
+    The format of the shapes oracle's ``parse`` (``genlab.models.evaluators.shapes_oracle``).
 
     Raises:
         ValueError: if two objects share a cell (no scene of the dataset does).

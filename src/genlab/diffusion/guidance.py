@@ -94,7 +94,7 @@ def classifier_guidance(
     """ε̂' = ε̂ - s √(1-ᾱ_t) ∇_{x_t} log p_φ(y | x_t, t) (Dhariwal & Nichol 2021, Alg. 2).
 
     ``grad_log_prob(x_t, t)`` is the gradient of a noisy classifier's log-probability of the
-    wanted labels (``genlab.models.noisy_classifier``). The shift of ε̂ adds s ∇ log p to the
+    wanted labels (``genlab.models.diffusion.noisy_classifier``). The shift of ε̂ adds s ∇ log p to the
     score, so it guides every sampler (for ancestral sampling it is Alg. 1's mean shift up to
     O(β)); x̂0 is recomputed to stay consistent.
     """

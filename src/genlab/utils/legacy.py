@@ -2,7 +2,8 @@
 
 Before, DDPM, LDM, the Imagen SR stage and the unCLIP decoder were subclasses with their own
 ``_target_`` and top-level options; now they are configs of one ``DiffusionModel`` with a
-``space`` and ``conditioners`` (``genlab/models/diffusion/``). :func:`upgrade` rewrites an old
+``space`` and ``conditioners`` (``genlab/models/diffusion/``), and every other model moved into
+its family's folder (``genlab.models.vae.VAE`` → ``genlab.models.autoencoders.vae.VAE``). :func:`upgrade` rewrites an old
 checkpoint's stored model config and state-dict keys to the new shape; ``genlab.load`` applies it
 in memory, and
 
@@ -17,10 +18,21 @@ import sys
 from typing import Any
 
 DIFFUSION = "genlab.models.diffusion.model.DiffusionModel"
-RENAMED = {  # old _target_ -> new _target_, for classes that only moved
+RENAMED = {  # old _target_ -> new _target_, for classes that only moved (models by family)
     "genlab.models.imagen.ImagenCascade": "genlab.models.diffusion.imagen.ImagenCascade",
     "genlab.models.unclip.UnCLIPPrior": "genlab.models.diffusion.unclip.UnCLIPPrior",
     "genlab.models.unclip.UnCLIP": "genlab.models.diffusion.unclip.UnCLIP",
+    "genlab.models.vae.VAE": "genlab.models.autoencoders.vae.VAE",
+    "genlab.models.vqgan.VQGAN": "genlab.models.autoencoders.vqgan.VQGAN",
+    "genlab.models.dvae.DVAE": "genlab.models.autoencoders.dvae.DVAE",
+    "genlab.models.dalle.DALLE": "genlab.models.autoregressive.dalle.DALLE",
+    "genlab.models.gan.GAN": "genlab.models.adversarial.gan.GAN",
+    "genlab.models.glow.Glow": "genlab.models.flows.glow.Glow",
+    "genlab.models.clip.CLIP": "genlab.models.evaluators.clip.CLIP",
+    "genlab.models.shapes_oracle.ShapesOracle": "genlab.models.evaluators.shapes_oracle.ShapesOracle",
+    "genlab.models.noisy_classifier.NoisyClassifier": (
+        "genlab.models.diffusion.noisy_classifier.NoisyClassifier"
+    ),
 }
 LEGACY_DIFFUSION = {
     "genlab.models.ddpm.DDPM",
@@ -30,12 +42,23 @@ LEGACY_DIFFUSION = {
 }
 
 
+def renamed(node: Any) -> Any:
+    """``node`` with every moved ``_target_`` (at any depth) renamed."""
+    if isinstance(node, dict):
+        out = {k: renamed(v) for k, v in node.items()}
+        if out.get("_target_") in RENAMED:
+            out["_target_"] = RENAMED[out["_target_"]]
+        return out
+    if isinstance(node, list):
+        return [renamed(v) for v in node]
+    return node
+
+
 def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     """The model config in today's shape (a new dict; unchanged when it is already)."""
-    config = dict(config)
     target = config.get("_target_")
+    config = renamed(config)
     if target in RENAMED:
-        config["_target_"] = RENAMED[target]
         config.pop("clip_recipe", None)
     if target not in LEGACY_DIFFUSION:
         return config
@@ -88,9 +111,8 @@ def upgrade_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_legacy(config: dict[str, Any]) -> bool:
-    """Whether a stored model config predates the reshaped diffusion system."""
-    target = config.get("_target_")
-    return target in LEGACY_DIFFUSION or target in RENAMED
+    """Whether a stored model config predates the reshaped models (any moved ``_target_``)."""
+    return config.get("_target_") in LEGACY_DIFFUSION or renamed(config) != config
 
 
 def upgrade(ckpt: dict[str, Any]) -> bool:

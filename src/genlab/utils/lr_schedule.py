@@ -42,3 +42,18 @@ def optimizers(
     total = int(trainer.estimated_stepping_batches)
     scheduler = scheduler_factory(optimizer, total_steps=total)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def step_uncounted(optimizer: Any) -> None:
+    """``optimizer.step()`` on a ``LightningOptimizer`` without advancing ``global_step``.
+
+    In manual optimization Lightning advances its step counter in the optimizer's
+    ``_on_before_step`` / ``_on_after_step`` hooks (set by its manual-optimization loop before
+    every batch); they are swapped for no-ops for this one step.
+    """
+    before, after = optimizer._on_before_step, optimizer._on_after_step
+    optimizer._on_before_step = optimizer._on_after_step = lambda: None
+    try:
+        optimizer.step()
+    finally:
+        optimizer._on_before_step, optimizer._on_after_step = before, after

@@ -4,7 +4,7 @@ et al. 2017).
 x → encoder → 1×1 conv to the code dimension D → nearest of K codes (straight-through) → 1×1
 conv → decoder → x̂, trained with L_rec + L_VQ (codebook + β commitment, or the EMA codebook)
 and, from ``disc_start``, a PatchGAN adversary weighted by the adaptive λ of Eq. 7 (the loop and
-losses are in ``models/first_stage.py``). Codebook practices (EMA, k-means initialisation,
+losses are in ``models/autoencoders/first_stage.py``). Codebook practices (EMA, k-means initialisation,
 dead-code restarts, l2-normalised codes) are options of ``genlab.nn.quantizers.VectorQuantizer``.
 
 For the methods built on top: ``encode`` gives the continuous latent before quantization and
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from genlab.models.first_stage import AutoencoderOutput, FirstStage
+from genlab.models.autoencoders.first_stage import AutoencoderOutput, FirstStage
 from genlab.nn.quantizers import VectorQuantizer
 
 

@@ -59,8 +59,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from genlab.models.contract import SamplingOptions
-from genlab.models.first_stage import check_no_prompts
+from genlab.models.contract import SamplingOptions, check_no_prompts
 from genlab.nn.ema import EMA
 from genlab.nn.flows import MultiScaleFlow, standard_normal_log_prob
 from genlab.utils.lr_schedule import optimizers

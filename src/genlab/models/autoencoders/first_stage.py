@@ -44,7 +44,7 @@ from genlab.nn.adversarial import (
     discriminator_loss,
     generator_loss,
 )
-from genlab.utils.lr_schedule import optimizers
+from genlab.utils.lr_schedule import optimizers, step_uncounted
 from genlab.utils.rank_logging import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -65,21 +65,6 @@ class AutoencoderOutput:
     regularization: torch.Tensor
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     indices: torch.Tensor | None = None
-
-
-def step_uncounted(optimizer: Any) -> None:
-    """``optimizer.step()`` on a ``LightningOptimizer`` without advancing ``global_step``.
-
-    In manual optimization Lightning advances its step counter in the optimizer's
-    ``_on_before_step`` / ``_on_after_step`` hooks (set by its manual-optimization loop before
-    every batch); they are swapped for no-ops for this one step.
-    """
-    before, after = optimizer._on_before_step, optimizer._on_after_step
-    optimizer._on_before_step = optimizer._on_after_step = lambda: None
-    try:
-        optimizer.step()
-    finally:
-        optimizer._on_before_step, optimizer._on_after_step = before, after
 
 
 class FirstStage(L.LightningModule):
@@ -380,8 +365,3 @@ class FirstStage(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             log.info(f"{type(self).__name__} losses: {self.describe_losses()}")
-
-
-def check_no_prompts(prompts: Any, what: str) -> None:
-    if prompts is not None:
-        raise ValueError(f"{what} is unconditional: pass n, not prompts")

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from genlab.models.contract import SamplingOptions
-from genlab.models.first_stage import AutoencoderOutput, FirstStage, check_no_prompts
+from genlab.models.autoencoders.first_stage import AutoencoderOutput, FirstStage
+from genlab.models.contract import SamplingOptions, check_no_prompts
 from genlab.nn.distributions import DiagonalGaussian
 from genlab.utils.ramps import Ramp
 

@@ -9,7 +9,7 @@ posterior with the Gumbel-softmax (Jang et al. 2017; Maddison et al. 2017): y = 
 with τ = ``temperature(step)`` annealed (1 → 1/16 with a half-cosine in the paper) and the KL
 weight raised on its own schedule (0 → 6.6 in the paper, which found the higher weight improves
 codebook usage). The KL is in nats per latent position (``GumbelQuantizer``); the factor puts the
-image's total KL on the per-pixel scale of L_rec, as for the VAE (``models/vae.py``). With
+image's total KL on the per-pixel scale of L_rec, as for the VAE (``models/autoencoders/vae.py``). With
 ``hard`` the decoder reads the one-hot code in the forward pass and the relaxed one in the
 backward pass (straight-through Gumbel). In evaluation the code is the argmax, so
 ``encode`` gives token indices and ``decode`` takes them, as DALL·E's transformer uses them.
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from genlab.models.first_stage import AutoencoderOutput, FirstStage
+from genlab.models.autoencoders.first_stage import AutoencoderOutput, FirstStage
 from genlab.nn.quantizers import GumbelQuantizer
 from genlab.utils.ramps import Ramp
 

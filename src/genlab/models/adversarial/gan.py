@@ -63,11 +63,10 @@ from torch import nn
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
 from genlab.models.contract import SamplingOptions, check_prompts
-from genlab.models.first_stage import step_uncounted
 from genlab.nn.adversarial import AdversarialLoss, discriminator_loss, generator_loss
 from genlab.nn.ema import EMA
 from genlab.nn.gan import r1_penalty
-from genlab.utils.lr_schedule import optimizers
+from genlab.utils.lr_schedule import optimizers, step_uncounted
 from genlab.utils.rank_logging import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
