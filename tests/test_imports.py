@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md, checked on the source with ``ast`` (lazy imports included):
+"""The import rules of docs/architecture.md, checked on the source with ``ast`` (lazy imports included):
 
 * layers: ``nn → diffusion → models → callbacks → entry points``; a layer imports nothing from a
   layer to its right, and nothing in ``genlab`` imports the entry points;

@@ -1,7 +1,7 @@
 """The base of every genlab DataModule (the common arguments, the loaders and the
 description), and the base of those whose splits are in-memory labelled arrays.
 
-The data contract (DESIGN.md): batches are dicts with ``image`` ``(B, C, H, W)`` in ``[-1, 1]``,
+The data contract (docs/architecture.md): batches are dicts with ``image`` ``(B, C, H, W)`` in ``[-1, 1]``,
 ``caption`` (``list[str]``, captioned datasets), ``label`` (long ``(B,)``, class-labelled
 datasets) and ``index`` (long ``(B,)``, the position of the item in its split).
 """

@@ -1,7 +1,7 @@
 """A datamodule's splits, and work on a split shared by the DDP ranks.
 
 :func:`split_dataset` gives the ``train``, ``val`` or ``test`` dataset of a datamodule (setting
-it up when needed). :func:`shard` is the rank sharding of DESIGN.md ("Evaluation protocol"):
+it up when needed). :func:`shard` is the rank sharding of the evaluation protocol (docs/architecture.md):
 rank r of W takes the items r, r + W, r + 2W, ... (no padding, no duplicates).
 :func:`extract_split` maps a function over the images of a split, each rank its shard, and
 gathers the rows on every rank in item order (with

@@ -1,4 +1,4 @@
-"""One denoiser interface for every sampler and guidance method (DESIGN.md, "Diffusion core").
+"""One denoiser interface for every sampler and guidance method (docs/architecture.md, "The diffusion system").
 
 A ``Denoiser`` is called as ``denoiser(x_t, t)`` with a batch x_t (B, ...) and model times t (B,)
 and returns a ``DenoiserOutput``: the clean-data estimate x̂0 and the noise estimate ε̂, which

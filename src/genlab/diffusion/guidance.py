@@ -1,4 +1,4 @@
-"""Guidance as wrappers that turn one ``Denoiser`` into another (DESIGN.md, "Diffusion core").
+"""Guidance as wrappers that turn one ``Denoiser`` into another (docs/architecture.md, "The diffusion system").
 
 Each wrapper changes x̂0 or ε̂ and keeps the pair consistent with x_t, so every sampler works
 with every combination. Order of composition in the models: classifier-free guidance, then

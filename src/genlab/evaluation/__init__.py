@@ -9,7 +9,7 @@ hooks and wiring) and the entry points:
 * ``references``: reference features of real images, cached on disk;
 * ``reconstruction``: reconstructions (rFID, PSNR, SSIM) and the real-image floor.
 
-The protocol (DESIGN.md, "Evaluation protocol"):
+The protocol (docs/architecture.md, "The evaluation protocol"):
 
 * **Conditions.** Item i of the ``num_samples`` generated images gets the i-th prompt of the
   datamodule's ``sample_prompts`` (val-split captions) for a text model, label ``i mod K`` for a

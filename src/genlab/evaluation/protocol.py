@@ -2,7 +2,7 @@
 
 The protocol names what a number was measured with: extractor and version, sample and reference
 counts, sampler, steps, guidance scale, seed, weights (EMA or raw), evaluator versions
-(DESIGN.md, "Evaluation protocol").
+(docs/architecture.md, "The evaluation protocol").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Feature extractors for the generative metrics, each with a name and a version.
 
-Two kinds (DESIGN.md, "Evaluation protocol"):
+Two kinds (docs/architecture.md, "The evaluation protocol"):
 
 * :class:`InceptionV3`: the standard FID network, torch-fidelity's ``inception-v3-compat``
   (the TF-Inception graph of Heusel et al. 2017, with its TF-1.x bilinear resize to 299 px), used

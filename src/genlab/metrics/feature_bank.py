@@ -1,7 +1,7 @@
 """A feature bank that gathers per-sample features across ranks in a fixed order, and the input
 checks that every metric of ``genlab.metrics`` shares.
 
-Under DDP each rank sees a shard of the samples (rank r gets items r, r+W, ...; DESIGN.md,
+Under DDP each rank sees a shard of the samples (rank r gets items r, r+W, ...; docs/architecture.md,
 "Evaluation protocol"). Metrics whose value depends on the order of the samples (KID's random
 subsets, the Inception Score's splits) therefore receive each sample's global item ``index``
 and sort by it after the ranks' states are gathered, so that the result does not depend on the

@@ -2,7 +2,7 @@
 
 ``ModelConfigInCheckpoint`` (a callback the entry point always adds) writes the plain-dict model
 and data configs into every checkpoint; :func:`load` rebuilds the LightningModule from a
-checkpoint alone, with no config files and no Hydra (DESIGN.md, "The model contract").
+checkpoint alone, with no config files and no Hydra (docs/architecture.md, "The model contract").
 :class:`AtomicCheckpointIO` writes every checkpoint atomically and never with non-finite weights.
 """
 

@@ -2,7 +2,7 @@
 
 Checkpoints carry their model config as a plain dict (see :mod:`genlab.utils.checkpoint`), so
 ``genlab.load`` must rebuild a module on a machine that has no config files and, below the entry
-points, no Hydra (DESIGN.md). The dialect is the subset of Hydra's that genlab configs use:
+points, no Hydra (docs/architecture.md, import rules). The dialect is the subset of Hydra's that genlab configs use:
 ``_target_`` (dotted path), ``_partial_`` (return a ``functools.partial``) and ``_args_``.
 """
 
