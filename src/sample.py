@@ -107,7 +107,8 @@ def sample(cfg: DictConfig) -> TaskResult:
     if from_images is not None:
         method, sources = from_images
         log.info(f"{method}: {len(sources)} image(s), n={cfg.n}")
-        drawn = getattr(model, method)(sources, n=cfg.n, generator=generator, **options)
+        draw = model.variations if method == "variations" else model.interpolate
+        drawn = draw(sources, n=cfg.n, generator=generator, **options)
         if method == "variations":  # each source image, then its n variations
             rows = [
                 torch.cat([src[None], drawn[i * cfg.n : (i + 1) * cfg.n]])

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 import genlab
-from genlab.evaluation.protocol import reconstructs
+from genlab.evaluation.protocol import generates, reconstructs
 from genlab.metrics.evaluators import ensure_evaluator
 from genlab.metrics.extractors import (
     CheckpointEvaluator,
@@ -78,16 +78,14 @@ def load_tools(
         kind = None
     wanted_oracle = kind == "shapes_oracle" or (
         "caption" in metrics
-        and (getattr(pl_module, "condition", None) == "text" or reconstructs(pl_module))
+        and (text_model(pl_module) or reconstructs(pl_module))
         and evaluators["shapes_oracle"][0] is not None
         and on_shapes
     )
     if wanted_oracle:
         tools["oracle"] = load_evaluator("shapes_oracle", evaluators, device)
     wanted_clip = kind == "clip" or (
-        "clip" in metrics
-        and getattr(pl_module, "condition", None) == "text"
-        and evaluators["clip"][0] is not None
+        "clip" in metrics and text_model(pl_module) and evaluators["clip"][0] is not None
     )
     if wanted_clip:
         tools["clip"] = load_evaluator("clip", evaluators, device)
@@ -111,3 +109,8 @@ def load_evaluator(name: str, evaluators: Evaluators, device: torch.device) -> C
     evaluator = CheckpointEvaluator(module, name=name, checkpoint=path)
     log.info(f"{name} evaluator {path} (version {evaluator.version})")
     return evaluator
+
+
+def text_model(pl_module: L.LightningModule) -> bool:
+    """Whether the module generates from prompts (the model contract)."""
+    return generates(pl_module) and pl_module.condition == "text"

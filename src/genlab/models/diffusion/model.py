@@ -58,7 +58,7 @@ from genlab.models.diffusion.sampling import (
     check_inpainting,
     generation_conditions,
     initial_noise,
-    slerp,
+    interpolation_embeddings,
 )
 from genlab.models.diffusion.spaces import PixelSpace
 from genlab.nn.ema import EMA
@@ -69,41 +69,29 @@ from genlab.utils.lr_schedule import optimizers
 class DiffusionModel(L.LightningModule):
     """A diffusion model in any space with any conditioners, classifier-free guidance and EMA.
 
-    Args:
-        net: the denoising network, called as ``net(x_t, t, **inputs)`` with the conditioners'
-            inputs (``context``, ``context_mask``, ``cond``, ``labels``, ``low_res``, ...).
-        text_encoder: for ``condition="text"``: the encoder of the caption's
-            :class:`~genlab.models.diffusion.conditioners.TextConditioner`.
-        optimizer: partial optimizer, called with the parameters.
-        lr_scheduler: partial scheduler called with ``(optimizer, total_steps=...)``, or None.
-        condition: what ``generate`` is asked with: ``"text"`` (captions), ``"label"`` (class
-            labels) or ``"none"``.
-        num_classes: labels for ``condition="label"``.
-        conditioners: further conditioners by name (``low_res``, ``image_embed``), read beside
-            the caption or label.
+    Args (each also commented in ``conf/model/ddpm.yaml``):
+        net: the denoising network, ``net(x_t, t, **inputs)`` with the conditioners' inputs.
+        text_encoder: the caption's encoder, for ``condition="text"``.
+        optimizer, lr_scheduler: partial optimizer; partial scheduler ``(opt, total_steps=)``.
+        condition, num_classes: what ``generate`` is asked with: ``"text"``, ``"label"`` (with
+            ``num_classes``) or ``"none"``.
+        conditioners: further conditioners by name (``low_res``, ``image_embed``).
         space: where x0 lives (:class:`PixelSpace` when None).
-        image_size, channels: the generated images' size and channels (pixels; a latent space
-            divides the size by its factor and has its own channels).
-        schedule, num_timesteps: the noise schedule of training (``diffusion.schedules``).
-        continuous_time: train at real times with the schedule's continuous log-SNR (Kingma et
-            al. 2021) instead of its T-step β table.
-        log_snr_shift: added to the schedule's log-SNR (Hoogeboom et al. 2023).
-        prediction: what the network predicts: ``"eps"``, ``"v"`` or ``"x0"``.
-        loss_weighting: ``"none"`` (L_simple, Ho et al. Eq. 14) or ``"min_snr"`` (min(SNR, γ)
-            in x0 terms, Hang et al. 2023, with γ = ``min_snr_gamma``).
-        learned_variance: the network also outputs the variance interpolation, trained by the
-            hybrid loss L_simple + ``vlb_weight`` · L_vlb (Nichol & Dhariwal 2021, §3.1).
-        offset_noise: std of a per-channel constant added to the training noise (Guttenberg 2023).
-        cond_drop_prob: probability of training on the null caption or label (for guidance).
+        image_size, channels: the generated images' size; the diffusion space's channels.
+        schedule, num_timesteps, continuous_time, log_snr_shift: the noise schedule
+            (``diffusion.schedules``; continuous log-SNR, Kingma et al. 2021; shift, Hoogeboom
+            et al. 2023).
+        prediction: ``"eps"``, ``"v"`` or ``"x0"``.
+        loss_weighting, min_snr_gamma: ``"none"`` (L_simple) or ``"min_snr"`` (Hang et al. 2023).
+        learned_variance, vlb_weight: the hybrid loss (Nichol & Dhariwal 2021, §3.1).
+        offset_noise: std of a per-channel constant added to the noise (Guttenberg 2023).
+        cond_drop_prob: probability of training on the null caption or label.
         tokenizer_vocab_size: BPE vocabulary size, at most the text encoder's embedding rows.
         ema_decay: EMA decay (warmed up with the step count), or None for no EMA.
         channels_last: run the network in channels-last memory format.
-        sampler: the default sampler of ``generate`` (``conf/sampler/``).
-        guidance_scale: the default classifier-free guidance scale w (1: none).
-        thresholding, threshold_percentile: x̂0 thresholding while sampling (``static`` for
-            pixels in [-1, 1]; ``dynamic`` with a percentile, Saharia et al. 2022).
+        sampler, guidance_scale, thresholding, threshold_percentile: sampling defaults.
         sample_batch_size: most images denoised at once by ``generate``.
-        bpd_images: in testing, also report the variational bound test/bpd (pixel space only).
+        bpd_images: in testing, test/bpd of the test items with index below this (pixels).
     """
 
     def __init__(
@@ -558,14 +546,6 @@ class DiffusionModel(L.LightningModule):
         """Decodings of ``n`` (default 8, at least 2) embeddings along the slerp from the first
         image's CLIP embedding to the second's, all from one shared x_T: images (2, C, H, W) →
         (n, C, H, W)."""
-        images = torch.as_tensor(images).float()
-        if len(images) != 2:
-            raise ValueError(f"interpolation needs exactly two images, got {len(images)}")
-        steps = 8 if n is None else n
-        if steps < 2:
-            raise ValueError(f"n={steps}: an interpolation needs at least its two ends")
-        z = self.image_embedder().embed_images(images.to(self.device)).cpu()
-        embeds = slerp(z[0], z[1], torch.linspace(0, 1, steps))
-        noise_device = "cpu" if generator is None else generator.device
-        x_T = torch.randn((1, *self.sample_shape), generator=generator, device=noise_device)
+        embeds = interpolation_embeddings(self.image_embedder(), images, n, self.device)
+        x_T = initial_noise((1, *self.sample_shape), None, generator)
         return self.generate(None, image_embeds=embeds, generator=generator, x_T=x_T, **kwargs)

@@ -53,6 +53,19 @@ def check_inpainting(known, mask, shape) -> tuple[torch.Tensor, torch.Tensor]:
     return known, mask
 
 
+def interpolation_embeddings(embedder: Any, images: Any, n: int | None, device) -> torch.Tensor:
+    """``n`` (default 8, at least 2) unit embeddings along the slerp from the first of two images'
+    CLIP embeddings to the second's."""
+    images = torch.as_tensor(images).float()
+    if len(images) != 2:
+        raise ValueError(f"interpolation needs exactly two images, got {len(images)}")
+    steps = 8 if n is None else n
+    if steps < 2:
+        raise ValueError(f"n={steps}: an interpolation needs at least its two ends")
+    z = embedder.embed_images(images.to(device)).cpu()
+    return slerp(z[0], z[1], torch.linspace(0, 1, steps))
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation of unit vectors a, b (d,) at ``weights`` (n,) in [0, 1] → (n, d)
     unit vectors; linear (then normalised) when a and b are (anti)parallel."""
