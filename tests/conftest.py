@@ -46,6 +46,7 @@ ORACLE_OVERRIDES = [
     + "]",
     f"callbacks.generative_metrics.cache_dir={EVALUATORS / 'reference'}",
 ]
+
 # ----------------------------------------------------------------------------------------------
 # The tiny settings, in one place. The entry-point tests compose their Hydra overrides from these
 # blocks and add only what is specific to their model; a test that needs another value of a key
@@ -64,7 +65,7 @@ TINY_TRAINER = [  # a few steps, every one logged, no rich progress bar or model
     "callbacks.rich_progress_bar=null",
     "callbacks.model_summary=null",
 ]
-TINY_EVAL = [  # a 4-image sample grid; generative metrics of 8 images in 4s, on the tiny oracle
+TINY_EVAL = [  # a 4-image sample grid; metrics of 8 images in batches of 4, on the tiny oracle
     "callbacks.sample_grid.num_samples=4",
     "callbacks.generative_metrics.num_samples=8",
     "callbacks.generative_metrics.batch_size=4",
@@ -117,7 +118,7 @@ CLIP_TINY = [  # a 16 px CLIP of a few thousand parameters
     *TINY_BPE,
     "model.embed_dim=32",
 ]
-CLIP_RECIPE = [
+CLIP_RECIPE = [  # the tests' tiny CLIP: 20 steps of 16 images
     "experiment=clip_shapes",
     *TINY_DATA,
     "data.batch_size=16",
