@@ -46,26 +46,86 @@ ORACLE_OVERRIDES = [
     + "]",
     f"callbacks.generative_metrics.cache_dir={EVALUATORS / 'reference'}",
 ]
-CLIP_TINY = [  # a 16 px CLIP of a few thousand parameters
-    "model.image_encoder.channels=[16,32]",
-    "model.image_encoder.heads=2",
+
+# ----------------------------------------------------------------------------------------------
+# The tiny settings, in one place. The entry-point tests compose their Hydra overrides from these
+# blocks and add only what is specific to their model; a test that needs another value of a key
+# overrides it after the block (on Hydra's command line, the last value of a key wins).
+
+TINY_DATA = [  # 16 px shapes, batch 8, small splits (8 train batches)
+    "data.resolution=16",
+    "data.batch_size=8",
+    "data.train_size=64",
+    "data.val_size=16",
+    "data.test_size=16",
+]
+TINY_TRAINER = [  # a few steps, every one logged, no rich progress bar or model summary
+    "trainer.max_steps=4",
+    "trainer.log_every_n_steps=1",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+]
+TINY_EVAL = [  # a 4-image sample grid; metrics of 8 images in batches of 4, on the tiny oracle
+    "callbacks.sample_grid.num_samples=4",
+    "callbacks.generative_metrics.num_samples=8",
+    "callbacks.generative_metrics.batch_size=4",
+    *ORACLE_OVERRIDES,
+]
+TINY_RUN = [*TINY_TRAINER, *TINY_EVAL]
+TINY_UNET = [  # model.net of the diffusion models (conf/model/net/unet_tiny.yaml), shrunk
+    "model.net.channels=[16,32]",
+    "model.net.attention_levels=[1]",
+    "model.net.heads=2",
+    "model.net.groups=8",
+]
+TINY_BPE = [  # model.text_encoder=bpe_transformer (and CLIP's text tower), shrunk
     "model.text_encoder.width=32",
     "model.text_encoder.layers=1",
     "model.text_encoder.heads=2",
     "model.text_encoder.vocab_size=128",
+]
+
+# the models' own networks, shrunk (each used by more than one test file)
+TINY_GAN = [  # a few thousand parameters at 16 px
+    "model.generator.z_dim=16",
+    "model.generator.channels=[16,8]",
+    "model.discriminator.channels=[8,16]",
+    *TINY_BPE,
+]
+TINY_GLOW = ["model.flow.levels=2", "model.flow.steps=2", "model.flow.hidden=16"]
+TINY_DALLE = [
+    "model.net.width=32",
+    "model.net.layers=2",
+    "model.net.heads=2",
+    "model.text_length=32",
+    "model.tokenizer_vocab_size=128",
+]
+TINY_PRIOR = ["model.net.width=32", "model.net.layers=1", "model.net.heads=2"]  # unCLIP's prior
+TINY_ENCODER = [  # a first stage's encoder at f = 4 (three levels)
+    "model.encoder.channels=[8,16,16]",
+    "model.encoder.groups=8",
+    "model.encoder.mid_attention=false",
+]
+TINY_VQ = [  # 4 latent channels, 32 codes, no k-means initialization
+    "model.encoder.latent_channels=4",
+    "model.quantizer.code_dim=4",
+    "model.quantizer.num_codes=32",
+    "model.quantizer.kmeans_init=false",
+]
+CLIP_TINY = [  # a 16 px CLIP of a few thousand parameters
+    "model.image_encoder.channels=[16,32]",
+    "model.image_encoder.heads=2",
+    *TINY_BPE,
     "model.embed_dim=32",
 ]
-CLIP_RECIPE = [
+CLIP_RECIPE = [  # the tests' tiny CLIP: 20 steps of 16 images
     "experiment=clip_shapes",
-    "trainer.max_steps=20",
-    "data.resolution=16",
+    *TINY_DATA,
     "data.batch_size=16",
     "data.train_size=320",
-    "data.val_size=16",
-    "data.test_size=16",
+    *TINY_TRAINER,
+    "trainer.max_steps=20",
     *CLIP_TINY,
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
 ]
 CLIP_OVERRIDES = [  # CLIP scores with a tiny CLIP, built on first use like the oracle
     f"callbacks.generative_metrics.clip_checkpoint={EVALUATORS / 'clip_shapes.ckpt'}",
@@ -76,29 +136,7 @@ CLIP_OVERRIDES = [  # CLIP scores with a tiny CLIP, built on first use like the 
 # 4 optimizer steps (half an epoch: the final validation runs mid-epoch), a 4-image grid drawn
 # with 2 DDIM steps, generative metrics of 8 images at the final test (the tiny oracle above).
 # Everything else (callbacks, CSV logger, bf16 autocast) stays as in the job.
-TINY = [
-    "trainer.max_steps=4",
-    "trainer.log_every_n_steps=1",
-    "data.resolution=16",
-    "data.batch_size=8",
-    "data.train_size=64",
-    "data.val_size=16",
-    "data.test_size=16",
-    "model.net.channels=[16,32]",
-    "model.net.attention_levels=[1]",
-    "model.net.heads=2",
-    "model.text_encoder.width=32",
-    "model.text_encoder.layers=1",
-    "model.text_encoder.heads=2",
-    "model.text_encoder.vocab_size=128",
-    "callbacks.sample_grid.num_samples=4",
-    "sampler.steps=2",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
-    "callbacks.generative_metrics.num_samples=8",
-    "callbacks.generative_metrics.batch_size=4",
-    *ORACLE_OVERRIDES,
-]
+TINY = [*TINY_DATA, *TINY_RUN, *TINY_UNET, *TINY_BPE, "sampler.steps=2"]
 
 
 def run_entry(
@@ -191,10 +229,7 @@ FIRST_STAGE = {
         "model.discriminator=null",
         "model.perceptual=null",
         "model.disc_weight=0",
-        "model.encoder.latent_channels=4",
-        "model.quantizer.code_dim=4",
-        "model.quantizer.num_codes=32",
-        "model.quantizer.kmeans_init=false",
+        *TINY_VQ,
     ],
     "dvae": ["model.quantizer.num_codes=32", "model.quantizer.code_dim=4"],
 }
@@ -229,9 +264,7 @@ def make_first_stage(kind: str, path: Path, steps: int = 2, size: int = 16) -> P
         [
             f"model={kind}",
             f"data.resolution={size}",
-            "model.encoder.channels=[8,16,16]",
-            "model.encoder.groups=8",
-            "model.encoder.mid_attention=false",
+            *TINY_ENCODER,
             *FIRST_STAGE[kind],
         ]
     )

@@ -15,7 +15,9 @@ import torch
 import genlab
 from conftest import (
     CLIP_TINY,
-    ORACLE_OVERRIDES,
+    TINY_DALLE,
+    TINY_DATA,
+    TINY_RUN,
     check_ok,
     compose_model,
     make_first_stage,
@@ -30,31 +32,8 @@ from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 
 SIZE = 16  # 4 x 4 image tokens with the tiny dVAE (f = 4)
-DALLE_TINY = [
-    f"data.resolution={SIZE}",
-    "data.max_objects=1",
-    "model.net.width=32",
-    "model.net.layers=2",
-    "model.net.heads=2",
-    "model.text_length=32",
-    "model.tokenizer_vocab_size=128",
-]
-ENTRY_TINY = [
-    "experiment=dalle_shapes",
-    *DALLE_TINY,
-    "data.batch_size=8",
-    "data.train_size=64",
-    "data.val_size=16",
-    "data.test_size=16",
-    "trainer.max_steps=4",
-    "trainer.log_every_n_steps=1",
-    "callbacks.sample_grid.num_samples=4",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
-    "callbacks.generative_metrics.num_samples=8",
-    "callbacks.generative_metrics.batch_size=4",
-    *ORACLE_OVERRIDES,
-]
+DALLE_TINY = [f"data.resolution={SIZE}", "data.max_objects=1", *TINY_DALLE]
+ENTRY_TINY = ["experiment=dalle_shapes", *TINY_DATA, *TINY_RUN, *DALLE_TINY]
 
 
 @pytest.fixture(scope="module")

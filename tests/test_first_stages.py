@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import genlab
-from conftest import CONF, ORACLE_OVERRIDES, check_ok, quiet_trainer, run_entry
+from conftest import CONF, TINY_DATA, TINY_RUN, check_ok, quiet_trainer, run_entry
 from genlab.data.shapes import ShapesDataModule
 from genlab.nn.adversarial import adaptive_weight, discriminator_loss, generator_loss
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
@@ -330,21 +330,11 @@ def test_collapse_warning(caplog) -> None:
 # the recipes through the real entry point
 
 RECIPE_TINY = [
-    "trainer.max_steps=4",
-    "trainer.log_every_n_steps=1",
-    "data.resolution=16",
-    "data.batch_size=8",
-    "data.train_size=32",
-    "data.val_size=16",
-    "data.test_size=16",
+    *TINY_DATA,
+    "data.train_size=32",  # 4 steps are one whole epoch
+    *TINY_RUN,
     "model.encoder.channels=[16,32,32]",
     "model.encoder.groups=8",
-    "callbacks.sample_grid.num_samples=4",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
-    "callbacks.generative_metrics.num_samples=8",
-    "callbacks.generative_metrics.batch_size=4",
-    *ORACLE_OVERRIDES,
 ]
 RECIPES = {
     # the adversary from step 2 and the offline LPIPS: every loss of the method runs

@@ -1,26 +1,15 @@
 """The GAN (``genlab/models/adversarial/gan.py``, ``genlab/nn/gan.py``): one generator and one discriminator
 step per batch, the projection discriminator, the R1 penalty against finite differences, sampling
-with the EMA weights, and the recipe through the real entry point."""
+with the EMA weights (the recipe through the real entry point: test_recipes.py)."""
 
 from __future__ import annotations
-
-import csv
-import json
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
 import genlab
-from conftest import (
-    ORACLE_OVERRIDES,
-    check_ok,
-    compose_model,
-    quiet_trainer,
-    run_entry,
-    shapes_data,
-)
+from conftest import TINY_GAN, compose_model, quiet_trainer, shapes_data
 from genlab.data.tokenizer import BPETokenizer
 from genlab.models.adversarial import gan as gan_module
 from genlab.models.adversarial.gan import GAN, sample_latents
@@ -28,16 +17,7 @@ from genlab.nn.gan import DCGANDiscriminator, DCGANGenerator, r1_penalty
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 
-TINY_NETS = [  # a few thousand parameters at 16 px
-    "data.resolution=16",
-    "model.generator.z_dim=16",
-    "model.generator.channels=[16,8]",
-    "model.discriminator.channels=[8,16]",
-    "model.text_encoder.width=32",
-    "model.text_encoder.layers=1",
-    "model.text_encoder.heads=2",
-    "model.text_encoder.vocab_size=128",
-]
+TINY_NETS = ["data.resolution=16", *TINY_GAN]  # a few thousand parameters at 16 px
 UNCONDITIONAL = ["model.condition=none", "model.text_encoder=null"]
 PROMPTS = ["a large red circle at the top left", "a small blue square in the center"]
 
@@ -315,50 +295,3 @@ def test_label_and_unconditional_generation_and_errors() -> None:
 def test_bad_configs_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         instantiate(tiny_config(*overrides))
-
-
-# ----------------------------------------------------------------------------------------------
-# the recipe through the real entry point
-
-RECIPE_TINY = [
-    "trainer.max_steps=4",
-    "trainer.log_every_n_steps=1",
-    "data.train_size=32",
-    "data.val_size=16",
-    "data.test_size=16",
-    "data.batch_size=8",
-    *TINY_NETS,
-    "callbacks.sample_grid.num_samples=4",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
-    "callbacks.generative_metrics.num_samples=8",
-    "callbacks.generative_metrics.batch_size=4",
-    *ORACLE_OVERRIDES,
-]
-
-
-def test_recipe_trains_checkpoints_and_evaluates_through_train_py(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_entry(
-        "train.py",
-        "experiment=gan_shapes",
-        *RECIPE_TINY,
-        f"hydra.run.dir={run_dir}",
-        tmp_path=tmp_path,
-    )
-    check_ok(result)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    assert last.is_file()
-    assert torch.load(last, weights_only=False)["global_step"] == 4
-    (report,) = (run_dir / "metrics").glob("test_step*.json")
-    (generated,) = [r for r in json.loads(report.read_text()) if r["name"] == "generated"]
-    assert {"fid", "caption_exact"} <= set(generated["metrics"])
-    assert generated["protocol"]["weights"] == "EMA"
-    assert generated["protocol"]["sampler"] == "generator (one pass)"
-    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as f:
-        columns = set(next(csv.reader(f)))
-    assert {"train/d_real", "train/d_fake", "val/loss", "test/loss"} <= columns
-    assert (run_dir / "samples" / "final.png").is_file()
-    model = genlab.load(last)
-    images = model.generate(PROMPTS, n=2, generator=torch.Generator().manual_seed(0))
-    assert images.shape == (4, 3, 16, 16)

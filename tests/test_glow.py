@@ -1,13 +1,11 @@
 """Glow (``genlab.nn.flows``, ``genlab.models.flows.glow``): every layer and the multi-scale flow invert
 exactly and their log-determinants equal brute-force log|det J|; ActNorm's data-dependent
-initialization; bits/dim as the density of the 8-bit variable; training, sampling, the
-class-conditional prior, and the recipe through ``train.py``."""
+initialization; bits/dim as the density of the 8-bit variable; training, sampling and the
+class-conditional prior (the recipe through ``train.py``: test_recipes.py)."""
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import math
 from pathlib import Path
 
@@ -15,8 +13,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-import genlab
-from conftest import ORACLE_OVERRIDES, check_ok, quiet_trainer, run_entry, shapes_data
+from conftest import quiet_trainer, shapes_data
 from genlab.models.flows.glow import Glow, to_flow_space, to_images
 from genlab.nn.flows import (
     ActNorm,
@@ -318,56 +315,3 @@ def test_class_conditional_prior_on_digits(tmp_path: Path) -> None:
         model.generate(labels=[10])
     with pytest.raises(ValueError, match="model.condition=label needs class labels"):
         model.training_step({"image": torch.zeros(2, 1, 16, 16)}, 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# the recipe through the real entry point
-
-GLOW_TINY = [
-    "trainer.max_steps=4",
-    "trainer.log_every_n_steps=1",
-    "data.resolution=16",
-    "data.batch_size=8",
-    "data.train_size=32",
-    "data.val_size=16",
-    "data.test_size=16",
-    "model.flow.levels=2",
-    "model.flow.steps=2",
-    "model.flow.hidden=16",
-    "callbacks.sample_grid.num_samples=4",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
-    "callbacks.generative_metrics.num_samples=8",
-    "callbacks.generative_metrics.batch_size=4",
-]
-
-
-def test_glow_shapes_recipe_trains_and_evaluates_through_train_py(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_entry(
-        "train.py",
-        "experiment=glow_shapes",
-        *GLOW_TINY,
-        *ORACLE_OVERRIDES,
-        f"hydra.run.dir={run_dir}",
-        tmp_path=tmp_path,
-    )
-    check_ok(result)
-    rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
-    logged = {k for row in rows for k, v in row.items() if v}
-    assert {"train/bpd", "train/loss", "val/bpd", "val/loss", "test/bpd", "test/fid"} <= logged
-    (report,) = (run_dir / "metrics").glob("test_step*.json")
-    (generated,) = [r for r in json.loads(report.read_text()) if r["name"] == "generated"]
-    assert generated["protocol"]["temperature"] == 0.7
-    assert generated["protocol"]["sampler"] == "flow inverse"
-    assert (run_dir / "samples" / "final.png").is_file()
-    last = run_dir / "checkpoints" / "last.ckpt"
-    model = genlab.load(last)
-    assert isinstance(model, Glow) and model.flow.initialized
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    model.flow(to_flow_space(torch.rand(4, 3, 16, 16) * 2 - 1, torch.rand(4, 3, 16, 16)))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no re-init
-    model.eval()
-    images = model.generate(n=2, generator=torch.Generator().manual_seed(0))
-    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1

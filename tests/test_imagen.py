@@ -13,6 +13,9 @@ import torch
 
 from conftest import (
     ORACLE_OVERRIDES,
+    TINY_DATA,
+    TINY_TRAINER,
+    TINY_UNET,
     check_ok,
     compose_model,
     quiet_trainer,
@@ -25,21 +28,11 @@ from genlab.models.diffusion.imagen import ImagenCascade
 from genlab.nn.unet import UNet
 from genlab.utils.instantiate import instantiate
 
-TINY_NET = [
-    "model.net.channels=[16,32]",
-    "model.net.attention_levels=[1]",
-    "model.net.heads=2",
-    "model.net.groups=8",
-]
-TINY_RUN = [
-    "data.batch_size=8",
-    "data.train_size=64",
-    "data.val_size=16",
-    "data.test_size=16",
+TINY_RUN = [  # both stages; each sets its own sample grid and metrics (the SR recipe has neither)
+    *TINY_DATA,
     "data.max_objects=1",
+    *TINY_TRAINER,
     "trainer.max_steps=3",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
     "sampler.steps=2",
 ]
 
@@ -52,7 +45,7 @@ def tiny_sr(*overrides: str):
             "data.resolution=16",
             "model.net.res_blocks=[1,2]",
             "model.ema_decay=null",
-            *TINY_NET,
+            *TINY_UNET,
             *overrides,
         ]
     )
@@ -167,7 +160,7 @@ def test_efficient_unet_options() -> None:
 
 
 def test_imagen_base_samples_with_dynamic_thresholding(tmp_path) -> None:
-    config = compose_model(["model=imagen_base", "data.resolution=16", *TINY_NET])
+    config = compose_model(["model=imagen_base", "data.resolution=16", *TINY_UNET])
     model = instantiate(config)
     assert (model.thresholding, model.guidance_scale) == ("dynamic", 5.0)
     # the sampling denoiser is the guided network followed by dynamic thresholding: x̂0 is
@@ -184,7 +177,7 @@ def test_imagen_base_samples_with_dynamic_thresholding(tmp_path) -> None:
 
 
 def test_frozen_text_encoder_gets_no_gradient_and_keeps_its_weights(tmp_path) -> None:
-    config = compose_model(["model=imagen_base", "data.resolution=16", *TINY_NET])
+    config = compose_model(["model=imagen_base", "data.resolution=16", *TINY_UNET])
     model = instantiate(config)
     network = model.denoiser["text"].encoder.network  # all-MiniLM-L6-v2, outside the module tree
     before = {k: v.clone() for k, v in network.state_dict().items()}
@@ -214,9 +207,7 @@ def stages(tmp_path_factory) -> list[Path]:
             "base",
             [
                 "experiment=imagen_shapes",
-                "data.resolution=16",
-                *TINY_NET,
-                "model.net.attention_levels=[1]",
+                *TINY_UNET,
                 "callbacks.sample_grid.num_samples=2",
                 "callbacks.generative_metrics=null",
             ],
@@ -227,14 +218,14 @@ def stages(tmp_path_factory) -> list[Path]:
                 "experiment=imagen_shapes_sr",
                 "data.resolution=32",
                 "model.conditioners.low_res.low_res_size=16",
-                "model.net.channels=[16,32]",
+                *TINY_UNET,
+                "model.net.attention_levels=[]",  # the SR recipe's
                 "model.net.res_blocks=[1,2]",
-                "model.net.heads=2",
             ],
         ),
     ):
         run = tmp / name
-        result = run_entry("train.py", *overrides, *TINY_RUN, f"hydra.run.dir={run}", tmp_path=tmp)
+        result = run_entry("train.py", *TINY_RUN, *overrides, f"hydra.run.dir={run}", tmp_path=tmp)
         check_ok(result)
         runs.append(run / "checkpoints" / "last.ckpt")
     return runs

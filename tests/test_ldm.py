@@ -18,6 +18,11 @@ from omegaconf import OmegaConf
 import genlab
 from conftest import (
     CONF,
+    TINY_BPE,
+    TINY_DATA,
+    TINY_RUN,
+    TINY_TRAINER,
+    TINY_UNET,
     check_ok,
     compose_model,
     make_first_stage,
@@ -36,23 +41,7 @@ from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 
 SIZE = 16
-LDM_TINY = [
-    f"data.resolution={SIZE}",
-    "data.batch_size=8",
-    "data.train_size=32",
-    "data.val_size=16",
-    "data.test_size=16",
-    "model.net.channels=[16,32]",
-    "model.net.attention_levels=[1]",
-    "model.net.heads=2",
-    "model.net.groups=8",
-]
-BPE_TINY = [
-    "model.text_encoder.width=32",
-    "model.text_encoder.layers=1",
-    "model.text_encoder.heads=2",
-    "model.text_encoder.vocab_size=128",
-]
+LDM_TINY = [*TINY_DATA, "data.train_size=32", *TINY_UNET]  # 32 items: the caches' row count
 
 
 def data() -> ShapesDataModule:
@@ -71,7 +60,7 @@ def tiny_ldm(first_stage: Path, *overrides: str) -> LDM:
             "model=ldm",
             f"model.space.first_stage_ckpt={first_stage}",
             *LDM_TINY,
-            *BPE_TINY,
+            *TINY_BPE,
             *overrides,
         ]
     )
@@ -84,20 +73,18 @@ def tiny_ldm(first_stage: Path, *overrides: str) -> LDM:
 @pytest.mark.parametrize("encoder", ["bpe_transformer", "minilm"])
 def test_ldm_trains_through_train_py(first_stages, encoder: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    text = BPE_TINY if encoder == "bpe_transformer" else []
+    text = TINY_BPE if encoder == "bpe_transformer" else []
     result = run_entry(
         "train.py",
         "experiment=ldm_shapes",  # the recipe, shrunk
         f"model/text_encoder={encoder}",
         f"model.space.first_stage_ckpt={first_stages['vae']}",
         f"model.space.cache_dir={tmp_path / 'cache'}",  # the recipe caches latents
-        "trainer.max_steps=4",
         *LDM_TINY,
         *text,
-        "callbacks.sample_grid.num_samples=4",
-        "sampler.steps=2",
+        *TINY_RUN,
         "callbacks.generative_metrics=null",
-        "callbacks.rich_progress_bar=null",
+        "sampler.steps=2",
         f"hydra.run.dir={run_dir}",
         tmp_path=tmp_path,
     )
@@ -176,7 +163,7 @@ def test_missing_changed_or_wrong_first_stage_is_named(first_stages, tmp_path) -
     # an LDM checkpoint, then its first stage replaced by another file
     copy = shutil.copy(first_stages["vae"], tmp_path / "vae.ckpt")
     config = compose_model(
-        ["model=ldm", f"model.space.first_stage_ckpt={copy}", *LDM_TINY, *BPE_TINY]
+        ["model=ldm", f"model.space.first_stage_ckpt={copy}", *LDM_TINY, *TINY_BPE]
     )
     model = instantiate(config)
     trainer = quiet_trainer(
@@ -331,18 +318,18 @@ def test_ddp_ranks_build_one_cache_in_item_order(first_stages, tmp_path) -> None
         f"model.space.first_stage_ckpt={first_stages['vqgan']}",
         "model.space.cache_latents=true",
         *LDM_TINY,
-        *BPE_TINY,
+        *TINY_BPE,
     ]
     result = run_entry(
         "train.py",
         *recipe,
         f"model.space.cache_dir={tmp_path / 'ddp'}",
         "trainer=ddp_cpu",
+        *TINY_TRAINER,
         "trainer.max_steps=2",
         "test=false",
         "callbacks.sample_grid=null",
         "callbacks.generative_metrics=null",
-        "callbacks.rich_progress_bar=null",
         f"hydra.run.dir={tmp_path / 'run'}",
         tmp_path=tmp_path,
     )
@@ -382,16 +369,16 @@ def test_ldm_trains_on_a_coco_folder_through_train_py(first_stages, tmp_path) ->
         "data=coco",
         f"paths.data_dir={tmp_path / 'data'}",
         f"model.space.first_stage_ckpt={first_stages['vae']}",
-        *LDM_TINY[:2],  # resolution and batch size; COCO has its own splits
-        *LDM_TINY[5:],
-        *BPE_TINY,
+        f"data.resolution={SIZE}",  # COCO has its own splits
         "data.batch_size=4",
         "data.val_size=2",
+        *TINY_UNET,
+        *TINY_BPE,
+        *TINY_TRAINER,
         "trainer.max_steps=2",
         "callbacks.sample_grid.num_samples=2",
-        "sampler.steps=2",
         "callbacks.generative_metrics=null",
-        "callbacks.rich_progress_bar=null",
+        "sampler.steps=2",
         f"hydra.run.dir={tmp_path / 'run'}",
         tmp_path=tmp_path,
     )

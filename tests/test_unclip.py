@@ -19,6 +19,11 @@ from conftest import (
     CLIP_RECIPE,
     EVALUATORS,
     ORACLE_OVERRIDES,
+    TINY_BPE,
+    TINY_DATA,
+    TINY_PRIOR,
+    TINY_TRAINER,
+    TINY_UNET,
     check_ok,
     compose_model,
     quiet_trainer,
@@ -32,26 +37,12 @@ from genlab.nn.unclip import PriorTransformer
 from genlab.utils.instantiate import instantiate
 
 CLIP_KEY = "model.conditioners.image_embed.clip_ckpt"  # the decoder's CLIP
-TINY_PRIOR = ["model.net.width=32", "model.net.layers=1", "model.net.heads=2"]
-TINY_DECODER = [
-    "model.net.channels=[16,32]",
-    "model.net.attention_levels=[1]",
-    "model.net.heads=2",
-    "model.text_encoder.width=32",
-    "model.text_encoder.layers=1",
-    "model.text_encoder.heads=2",
-    "model.text_encoder.vocab_size=128",
-]
-TINY_RUN = [
-    "data.resolution=16",
-    "data.batch_size=8",
-    "data.train_size=64",
-    "data.val_size=16",
-    "data.test_size=16",
+TINY_DECODER = [*TINY_UNET, *TINY_BPE]
+TINY_RUN = [  # the recipes draw no sample grid and measure no metrics of their own
+    *TINY_DATA,
     "data.max_objects=1",
+    *TINY_TRAINER,
     "trainer.max_steps=3",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
     "sampler.steps=2",
 ]
 

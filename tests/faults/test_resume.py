@@ -17,48 +17,45 @@ import torch
 
 from conftest import (
     CLIP_RECIPE,
-    ORACLE_OVERRIDES,
     ROOT,
     TINY,
+    TINY_DALLE,
+    TINY_DATA,
+    TINY_ENCODER,
+    TINY_GAN,
+    TINY_GLOW,
+    TINY_PRIOR,
+    TINY_RUN,
+    TINY_TRAINER,
+    TINY_VQ,
     check_ok,
     make_first_stage,
     run_entry,
 )
 
-# 8 batches per epoch; checkpoints every 3 steps (all kept), so the kill after step 6 lands
-# mid-epoch 0 and the resumed run crosses into epoch 1 and 2.
+# 8 batches per epoch (TINY_DATA); checkpoints every 3 steps (all kept), so the kill after step 6
+# lands mid-epoch 0 and the resumed run crosses into epoch 1 and 2. After TINY_RUN (its step count
+# and sample grid replaced); the final test is off, so no generative metrics are measured.
 COMMON = [
     "trainer.max_steps=18",
     "test=false",
     "callbacks.model_checkpoint.every_n_train_steps=3",
     "callbacks.model_checkpoint.save_top_k=-1",
     "callbacks.model_checkpoint.monitor=null",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
     "callbacks.sample_grid=null",
 ]
 DDPM = [*TINY, *COMMON]
 VQGAN = [
     "experiment=vqgan_shapes",
-    "data.resolution=16",
-    "data.batch_size=8",
-    "data.train_size=64",
-    "data.val_size=16",
-    "data.test_size=16",
-    "trainer.log_every_n_steps=1",
-    "model.encoder.channels=[8,16,16]",
-    "model.encoder.groups=8",
-    "model.encoder.mid_attention=false",
-    "model.encoder.latent_channels=4",
-    "model.quantizer.code_dim=4",
-    "model.quantizer.num_codes=32",
-    "model.quantizer.kmeans_init=false",
+    *TINY_DATA,
+    *TINY_RUN,
+    *TINY_ENCODER,
+    *TINY_VQ,
     "model.discriminator.channels=8",
     "model.perceptual=null",
     "model.perceptual_weight=0",
     "model.disc_start=4",  # the adversary (a second optimizer) is on from step 4
     "model.lr_scheduler.warmup_steps=2",
-    *ORACLE_OVERRIDES,
     *COMMON,
 ]
 
@@ -176,34 +173,13 @@ def test_dalle_kill_and_resume_is_exact(tmp_path: Path) -> None:
     dalle = [
         "experiment=dalle_shapes",
         f"model.tokenizer_ckpt={dvae}",
-        "data.resolution=16",
+        *TINY_DATA,
         "data.max_objects=1",
-        "data.batch_size=8",
-        "data.train_size=64",
-        "data.val_size=16",
-        "data.test_size=16",
-        "model.net.width=32",
-        "model.net.layers=2",
-        "model.net.heads=2",
-        "model.text_length=32",
-        "model.tokenizer_vocab_size=128",
-        "trainer.log_every_n_steps=1",
-        *ORACLE_OVERRIDES,
+        *TINY_RUN,
+        *TINY_DALLE,
         *COMMON,
     ]
     check_parity(dalle, tmp_path)
-
-
-TINY_DATA = [
-    "data.resolution=16",
-    "data.batch_size=8",
-    "data.train_size=64",
-    "data.val_size=16",
-    "data.test_size=16",
-    "trainer.log_every_n_steps=1",
-    "callbacks.generative_metrics.num_samples=8",
-    "callbacks.generative_metrics.batch_size=4",
-]
 
 
 def test_gan_kill_and_resume_is_exact(tmp_path: Path) -> None:
@@ -211,16 +187,10 @@ def test_gan_kill_and_resume_is_exact(tmp_path: Path) -> None:
     gan = [
         "experiment=gan_shapes",
         *TINY_DATA,
-        "model.generator.z_dim=16",
-        "model.generator.channels=[16,8]",
-        "model.discriminator.channels=[8,16]",
-        "model.text_encoder.width=32",
-        "model.text_encoder.layers=1",
-        "model.text_encoder.heads=2",
-        "model.text_encoder.vocab_size=128",
+        *TINY_RUN,
+        *TINY_GAN,
         "model.r1_gamma=1.0",
         "model.r1_interval=2",
-        *ORACLE_OVERRIDES,
         *COMMON,
     ]
     check_parity(gan, tmp_path)
@@ -228,15 +198,7 @@ def test_gan_kill_and_resume_is_exact(tmp_path: Path) -> None:
 
 def test_glow_kill_and_resume_is_exact(tmp_path: Path) -> None:
     """Data-dependent ActNorm initialisation and dequantization noise."""
-    glow = [
-        "experiment=glow_shapes",
-        *TINY_DATA,
-        "model.flow.levels=2",
-        "model.flow.steps=2",
-        "model.flow.hidden=16",
-        *ORACLE_OVERRIDES,
-        *COMMON,
-    ]
+    glow = ["experiment=glow_shapes", *TINY_DATA, *TINY_RUN, *TINY_GLOW, *COMMON]
     check_parity(glow, tmp_path)
 
 
@@ -245,13 +207,12 @@ def test_unclip_prior_kill_and_resume_is_exact(tmp_path: Path) -> None:
     from genlab.metrics.evaluators import ensure_evaluator
 
     clip = ensure_evaluator(tmp_path / "clip.ckpt", CLIP_RECIPE, name="clip_shapes")
-    prior = [
+    prior = [  # the recipe draws no sample grid and measures no metrics
         "experiment=unclip_prior_shapes",
         f"model.clip_ckpt={clip}",
-        *TINY_DATA[:-2],
-        "model.net.width=32",
-        "model.net.layers=1",
-        "model.net.heads=2",
+        *TINY_DATA,
+        *TINY_TRAINER,
+        *TINY_PRIOR,
         "sampler.steps=2",
         *COMMON,
     ]
