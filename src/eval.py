@@ -57,6 +57,8 @@ COLUMNS = [
     ("precision", "precision ↑"),
     ("recall", "recall ↑"),
     ("caption_exact", "caption exact ↑"),
+    ("caption_exact_1obj", "1 object ↑"),
+    ("caption_exact_2obj", "2 objects ↑"),
     ("clip_score", "CLIP score ↑"),
     ("psnr", "PSNR ↑"),  # reconstructions
     ("ssim", "SSIM ↑"),

@@ -330,10 +330,25 @@ def test_caption_accuracy_on_hand_built_cases() -> None:
             "color": 4 / objects,
             "size": 5 / objects,
             "extra": 1 / 4,
+            "exact_1obj": 1 / 2,  # images 0 (right) and 3 (an extra object)
+            "exact_2obj": 0 / 2,  # images 1 and 2
         }
     )
     merged = two_ranks(CaptionAccuracy, (parsed, wanted), with_index=False)
     assert {k: v.item() for k, v in merged.compute().items()} == pytest.approx(result)
+
+
+def test_caption_accuracy_splits_exact_by_the_number_of_objects() -> None:
+    one = scene(c0=(0, 1, 2))
+    two = scene(c4=(1, 2, 0), c8=(2, 0, 1))
+    metric = CaptionAccuracy()
+    metric.update(torch.stack([one, two, two]), torch.stack([one, two, scene(c4=(1, 2, 0))]))
+    result = metric.compute()  # the third prompt asks for one object and gets two
+    assert result["exact_2obj"].item() == 1.0 and result["exact_1obj"].item() == 0.5
+    only_one = CaptionAccuracy()
+    only_one.update(one[None], one[None])
+    assert "exact_2obj" not in only_one.compute()  # no such prompts: no figure, not NaN
+    assert only_one.compute()["exact_1obj"].item() == 1.0
 
 
 def test_caption_accuracy_rejects_half_empty_cells() -> None:

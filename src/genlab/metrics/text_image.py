@@ -80,6 +80,10 @@ def check_cells(cells: torch.Tensor, name: str) -> None:
         )
 
 
+OBJECT_COUNTS = (1, 2)  # prompts split by how many objects they ask for
+BY_COUNT_STATES = tuple(f"{s}_{k}obj" for k in OBJECT_COUNTS for s in ("exact", "images"))
+
+
 class CaptionAccuracy(Metric):
     """Accuracy of generated compositional scenes against their prompts, from parsed attributes.
 
@@ -91,7 +95,10 @@ class CaptionAccuracy(Metric):
     * ``cell``: share of wanted objects whose cell holds some parsed object;
     * ``shape`` / ``color`` / ``size``: share of wanted objects whose cell holds an object with
       that attribute right (a missing object counts as wrong);
-    * ``extra``: mean number, per image, of parsed objects in cells the prompt leaves empty.
+    * ``extra``: mean number, per image, of parsed objects in cells the prompt leaves empty;
+    * ``exact_1obj`` / ``exact_2obj``: ``exact`` over the prompts with one / with two objects
+      only (they behave very differently: attribute binding is the hard part), present when the
+      batch had such prompts.
 
     The per-object shares are NaN if no prompt asked for any object. All states are sums.
     """
@@ -102,7 +109,8 @@ class CaptionAccuracy(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("exact", "images", "objects", "cell", *ATTRIBUTES, "extra"):
+        names = ("exact", "images", "objects", "cell", *ATTRIBUTES, "extra", *BY_COUNT_STATES)
+        for name in names:
             self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, parsed: torch.Tensor, wanted: torch.Tensor) -> None:
@@ -113,8 +121,13 @@ class CaptionAccuracy(Metric):
             raise ValueError(f"{len(parsed)} parsed images for {len(wanted)} prompts")
         wanted_object = wanted[..., 0] != EMPTY  # (B, 9)
         parsed_object = parsed[..., 0] != EMPTY
-        self.exact += (parsed == wanted).flatten(1).all(dim=1).sum()
+        exact = (parsed == wanted).flatten(1).all(dim=1)  # (B,)
+        self.exact += exact.sum()
         self.images += len(parsed)
+        count = wanted_object.sum(dim=1)  # objects asked for, per image
+        for k in OBJECT_COUNTS:
+            setattr(self, f"images_{k}obj", getattr(self, f"images_{k}obj") + (count == k).sum())
+            setattr(self, f"exact_{k}obj", getattr(self, f"exact_{k}obj") + exact[count == k].sum())
         self.objects += wanted_object.sum()
         self.cell += (parsed_object & wanted_object).sum()
         for i, attribute in enumerate(ATTRIBUTES):
@@ -127,7 +140,7 @@ class CaptionAccuracy(Metric):
         if self.images == 0:
             raise ValueError("CaptionAccuracy has no images: call update() before compute()")
         objects, images = self.objects.double(), self.images.double()
-        return {
+        result = {
             "exact": self.exact / images,
             "cell": self.cell / objects,
             "shape": self.shape / objects,
@@ -135,3 +148,8 @@ class CaptionAccuracy(Metric):
             "size": self.size / objects,
             "extra": self.extra / images,
         }
+        for k in OBJECT_COUNTS:  # synced sums: every rank agrees on which groups exist
+            group = getattr(self, f"images_{k}obj")
+            if group > 0:
+                result[f"exact_{k}obj"] = getattr(self, f"exact_{k}obj") / group.double()
+        return result
