@@ -79,7 +79,8 @@ class LatentCache:
         if trainer.strategy.broadcast(path.is_file(), src=0):  # rank 0 decides for every rank
             log.info(f"latent cache: reusing {path} (built before for this data and first stage)")
         else:
-            build(trainer, first_stage, path, dataset, orientations, description)
+            shape = tuple(moments_or_latents(probe).shape[1:])  # (C', h, w)
+            build(trainer, first_stage, path, dataset, orientations, description, shape)
         if not path.is_file():
             raise FileNotFoundError(
                 f"rank {trainer.global_rank} cannot see the latent cache {path} that rank 0 "
@@ -130,17 +131,11 @@ def build(
     dataset: Dataset,
     orientations: int,
     description: dict[str, Any],
+    shape: tuple[int, ...],
 ) -> None:
-    """Encode the train split, each rank its shard, gathered in item order; rank 0 writes the
+    """Encode the train split (``shape``: one encoding's (C', h, w)), each rank its shard, gathered in item order; rank 0 writes the
     file atomically while the others wait."""
     start, datamodule = time.perf_counter(), trainer.datamodule
-    probe = encodings(
-        trainer,
-        first_stage,
-        dataset[0]["image"][None].to(trainer.lightning_module.device),
-        orientations,
-    )
-    shape = probe.shape[2:]  # (C', h, w)
     rows = extract_split(  # (N, O·C'·h·w) float32, on every rank
         dataset,
         len(dataset),
