@@ -26,6 +26,7 @@ import torch
 import genlab
 from genlab.data.shapes import ShapesDataModule, caption_cells
 from genlab.metrics.text_image import CaptionAccuracy
+from genlab.models.evaluators.shapes_oracle import WEIGHTS
 
 
 def scene_scores(oracle, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
@@ -38,7 +39,7 @@ def scene_scores(oracle, images: torch.Tensor, captions: list[str]) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--decoder", required=True, help="an unclip_decoder checkpoint")
-    parser.add_argument("--oracle", default="data/evaluators/shapes_oracle.ckpt")
+    parser.add_argument("--oracle", default=str(WEIGHTS))
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--k", type=int, default=4, help="variations per image")
     parser.add_argument("--steps", type=int, default=None)

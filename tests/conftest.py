@@ -36,6 +36,8 @@ ORACLE_RECIPE = [
     "data.batch_size=16",
     "model.net.channels=[8,16]",
     "model.net.feature_dim=32",
+    "model.whiten_dim=8",
+    "model.whiten_images=256",
     "callbacks.rich_progress_bar=null",
     "callbacks.model_summary=null",
 ]

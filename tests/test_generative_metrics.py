@@ -180,7 +180,7 @@ def test_eval_reports_every_metric_with_its_protocol(
     assert protocol["extractor_version"] == protocol["oracle_version"]
     assert protocol["sampler"].startswith("ddim-2") and protocol["steps"] == 2
     assert protocol["guidance_scale"] == 3.0 and protocol["seed"] == 0
-    assert protocol["kid_subset_size"] == 12  # the size in effect (capped at the sample counts)
+    assert protocol["kid_subset_size"] == 6  # the size in effect: half the sample count
     assert protocol["weights"] in ("EMA", "raw")
     assert real["name"] == "real_test" and real["protocol"]["num_samples"] == 12
     assert 0 <= generated["metrics"]["caption_exact"] <= 1

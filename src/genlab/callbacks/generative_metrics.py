@@ -184,9 +184,17 @@ class GenerativeMetrics(L.Callback):
         reference, ref_info = self.reference(trainer, tools)
         results = []
 
-        def measure_with(source, n, conditions, *, originals=None, skip=()) -> dict:
+        def measure_with(source, n, conditions, *, originals=None, skip=(), paired=False):
             return self.measure(
-                trainer, tools, reference, conditions, source, n, originals=originals, skip=skip
+                trainer,
+                tools,
+                reference,
+                conditions,
+                source,
+                n,
+                originals=originals,
+                skip=skip,
+                paired=paired,
             )
 
         def base(n: int | None = None) -> dict[str, Any]:
@@ -197,9 +205,11 @@ class GenerativeMetrics(L.Callback):
             for scale in self.guidance_scales:
                 start = time.monotonic()
                 source = functools.partial(self.generate, pl_module, conditions, scale=scale)
-                values = self.measure(trainer, tools, reference, conditions, source)
+                paired = "prompts" in conditions and self.reference_split == "val"
+                values = self.measure(trainer, tools, reference, conditions, source, paired=paired)
                 n = values.pop("num_samples")
                 protocol = self.protocol(pl_module, tools, ref_info, scale, n)
+                protocol["paired"] = paired  # prompt i is reference item i's caption
                 protocol["seconds"] = round(time.monotonic() - start, 2)
                 results.append({"name": "generated", "protocol": protocol, "metrics": values})
         if reconstructs(pl_module):
@@ -218,6 +228,7 @@ class GenerativeMetrics(L.Callback):
                 evaluate_real(
                     datamodule,
                     split=self.real_split,
+                    reference_split=self.reference_split,
                     num_samples=self.num_samples,
                     measure=measure_with,
                     protocol=base,
@@ -226,10 +237,21 @@ class GenerativeMetrics(L.Callback):
         return results
 
     def measure(
-        self, trainer, tools, reference, conditions, source, n=None, *, originals=None, skip=()
+        self,
+        trainer,
+        tools,
+        reference,
+        conditions,
+        source,
+        n=None,
+        *,
+        originals=None,
+        skip=(),
+        paired=False,
     ) -> dict:
         """Draw this rank's chunks from ``source(items)``, update the synced metrics, compute
-        (:func:`genlab.evaluation.measure.measure`); ``skip`` names metrics left out."""
+        (:func:`genlab.evaluation.measure.measure`); ``skip`` names metrics left out; ``paired``:
+        item i was made for reference item i."""
         return measure(
             source,
             self.num_samples if n is None else n,
@@ -244,6 +266,7 @@ class GenerativeMetrics(L.Callback):
             device=trainer.strategy.root_device,
             note=self.note,
             originals=originals,
+            paired=paired,
         )
 
     # ------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ equivalent numpy coverage mask).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Sequence
@@ -150,10 +151,26 @@ def draw_scene(
     sizes = [SIZE_NAMES[k] for k in rng.integers(len(SIZE_NAMES), size=n)]
     shifts = (rng.random((n, 2)) * 2 - 1).tolist()  # (n, 2) in [-1, 1)
     objects = []
-    for (shape, color), size, cell, (dx, dy) in zip(chosen, sizes, cells, shifts):
-        room = jitter * (1.0 - SIZES[size]) / 2  # in cell sides: the object stays in its cell
-        objects.append(ShapeObject(shape, color, size, cell, (dx * room, dy * room)))
+    for (shape, color), size, cell, shift in zip(chosen, sizes, cells, shifts):
+        objects.append(ShapeObject(shape, color, size, cell, offset_of(size, shift, jitter)))
     return tuple(objects)
+
+
+def offset_of(size: str, shift: Sequence[float], jitter: float) -> tuple[float, float]:
+    """An object's offset from its cell centre, in cell sides, for a ``shift`` in [-1, 1)²: the
+    fraction ``jitter`` of the room its size leaves, so the object stays in its cell."""
+    room = jitter * (1.0 - SIZES[size]) / 2
+    return (shift[0] * room, shift[1] * room)
+
+
+def redraw_scene(scene: Scene, rng: np.random.Generator, jitter: float) -> Scene:
+    """The same objects (shape, colour, size, cell) with fresh offsets: the scene its caption
+    describes, drawn again."""
+    shifts = (rng.random((len(scene), 2)) * 2 - 1).tolist()
+    return tuple(
+        dataclasses.replace(o, offset=offset_of(o.size, shift, jitter))
+        for o, shift in zip(scene, shifts)
+    )
 
 
 def render_scene(scene: Scene, resolution: int = 32) -> np.ndarray:
@@ -316,7 +333,9 @@ class ShapesDataset(Dataset):
 
     Items: ``image`` ``(3, H, W)`` in ``[-1, 1]``, ``caption``, ``index``, ``attributes``
     ``(max_objects, 4)`` and ``num_objects``. Every scene of the ``compositional`` split shows at
-    least one held-out pair; the other splits never show one.
+    least one held-out pair; the other splits never show one. ``redraw`` k > 0: each item's
+    objects again, with fresh offsets from ``default_rng([seed, split_id, i, k])`` — another
+    image its caption describes (what a perfect text-to-image model would draw).
     """
 
     def __init__(
@@ -332,6 +351,7 @@ class ShapesDataset(Dataset):
         max_objects: int = 2,
         jitter: float = 0.5,
         hold_out: bool = True,
+        redraw: int = 0,
     ) -> None:
         check_choice("split", split, list(SPLITS))
         held = held_out_pairs(shapes, colors) if hold_out else []
@@ -351,6 +371,7 @@ class ShapesDataset(Dataset):
         self.min_objects = min_objects
         self.max_objects = max_objects
         self.jitter = jitter
+        self.redraw = redraw
 
     def __len__(self) -> int:
         return self.size
@@ -366,7 +387,11 @@ class ShapesDataset(Dataset):
             jitter=self.jitter,
             required_pairs=self.required_pairs,
         )
-        return scene, int(rng.integers(len(TEMPLATES)))
+        template = int(rng.integers(len(TEMPLATES)))
+        if self.redraw:  # the same objects, offsets from a stream of their own
+            redraw_rng = np.random.default_rng([self.seed, SPLITS[self.split], index, self.redraw])
+            scene = redraw_scene(scene, redraw_rng, self.jitter)
+        return scene, template
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene, template = self.scene(index)
@@ -451,8 +476,9 @@ class ShapesDataModule(GenDataModule):
         self.hold_out = hold_out
         self.test_split = test_split
 
-    def split(self, name: str) -> ShapesDataset:
-        """The dataset of split ``name``: ``train``, ``val``, ``test`` or ``compositional``."""
+    def split(self, name: str, *, redraw: int = 0) -> ShapesDataset:
+        """The dataset of split ``name``: ``train``, ``val``, ``test`` or ``compositional``;
+        ``redraw`` k > 0: its scenes drawn again (:class:`ShapesDataset`)."""
         return ShapesDataset(
             name,
             size=self.sizes[name],
@@ -464,7 +490,14 @@ class ShapesDataModule(GenDataModule):
             max_objects=self.max_objects,
             jitter=self.jitter,
             hold_out=self.hold_out,
+            redraw=redraw,
         )
+
+    def redrawn(self, name: str) -> ShapesDataset:
+        """The scenes of split ``name`` drawn again: for each item the objects its caption names,
+        at fresh offsets. Measured against the split itself, this is the floor of a text model
+        prompted with the split's captions (``real_split=redrawn``)."""
+        return self.split(name, redraw=1)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits (items are drawn lazily, so this is instant)."""

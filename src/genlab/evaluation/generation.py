@@ -1,7 +1,9 @@
 """Generated images sharded over the ranks: conditions, chunks and their seeds.
 
 Item i of the ``n`` generated images gets the i-th prompt of the datamodule's ``sample_prompts``
-for a text model, label ``i mod K`` for a label model, nothing for an unconditional one. Items
+for a text model (the caption of val item i, so with ``reference_split=val`` the generated set is
+paired with the reference: image i is made for real image i's caption), label ``i mod K`` for
+a label model, nothing for an unconditional one. Items
 are cut into chunks of ``batch_size``; chunk c is drawn by rank ``c mod W`` from a generator
 seeded from (seed, purpose, c), so every item is drawn exactly once (no duplicates, no padding)
 and an item's image does not depend on the number of ranks.

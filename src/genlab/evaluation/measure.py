@@ -21,7 +21,7 @@ from genlab.evaluation.generation import check_every_rank_has_a_chunk, chunks_of
 from genlab.evaluation.protocol import named_values
 from genlab.metrics.fid import FID
 from genlab.metrics.inception_score import InceptionScore
-from genlab.metrics.kid import KID
+from genlab.metrics.kid import KID, subset_size_for
 from genlab.metrics.precision_recall import PrecisionRecall
 from genlab.metrics.reconstruction import ReconstructionMetrics
 from genlab.metrics.text_image import CaptionAccuracy, CLIPScore
@@ -56,15 +56,20 @@ def new_metrics(
     conditions: dict[str, list],
     n: int,
     note: Note,
+    paired: bool = False,
 ) -> torch.nn.ModuleDict:
-    """Fresh synced metrics for ``n`` images; those that cannot apply are skipped."""
+    """Fresh synced metrics for ``n`` images; those that cannot apply are skipped. ``paired``:
+    image i was made for reference item i (KID's paired estimator)."""
     s, metrics = settings, {}
     if reference is not None:
         if "fid" in wanted:
             metrics["fid"] = FID(reference=reference)
         if "kid" in wanted:
-            size = min(s["kid_subset_size"], len(reference), n)
-            metrics["kid"] = KID(reference=reference, subsets=s["kid_subsets"], subset_size=size)
+            size = subset_size_for(min(len(reference), n), s["kid_subset_size"])
+            paired = paired and len(reference) == n
+            metrics["kid"] = KID(
+                reference=reference, subsets=s["kid_subsets"], subset_size=size, paired=paired
+            )
         if "pr" in wanted:
             metrics["pr"] = PrecisionRecall(reference=reference, k=s["pr_k"])
     if "is" in wanted and callable(getattr(tools.get("extractor"), "class_probs", None)):
@@ -120,13 +125,16 @@ def measure(
     device: torch.device,
     note: Note,
     originals: Callable[[range], torch.Tensor] | None = None,
+    paired: bool = False,
 ) -> dict[str, float]:
     """Draw this rank's chunks from ``source(items)``, update the synced metrics, compute.
 
     With ``originals(items)`` the images drawn are reconstructions of those: PSNR and SSIM
-    against them are measured too. Returns the named values and ``num_samples``.
+    against them are measured too. ``paired``: item i was made for reference item i (a prompt
+    that is its caption, a reconstruction, a redraw of its scene). Returns the named values
+    and ``num_samples``.
     """
-    metrics = new_metrics(wanted, settings, tools, reference, conditions, n, note)
+    metrics = new_metrics(wanted, settings, tools, reference, conditions, n, note, paired)
     if originals is not None:
         metrics["reconstruction"] = ReconstructionMetrics()
     metrics = metrics.to(device)

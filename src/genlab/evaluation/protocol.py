@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 
+from genlab.metrics.kid import subset_size_for
 from genlab.models.contract import capabilities, resolve_sampling
 
 METRICS = ("fid", "kid", "is", "pr", "caption", "clip")
@@ -66,7 +67,8 @@ def base_protocol(
     protocol = {**described, **settings}  # with the values in effect:
     protocol["is_splits"] = min(settings["is_splits"], n // 2)
     if ref_info:
-        protocol["kid_subset_size"] = min(settings["kid_subset_size"], ref_info["num_images"], n)
+        size = min(ref_info["num_images"], n)
+        protocol["kid_subset_size"] = subset_size_for(size, settings["kid_subset_size"])
         protocol["reference"] = {
             "split": ref_info["split"],
             "num_images": ref_info["num_images"],

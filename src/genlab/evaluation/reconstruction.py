@@ -9,7 +9,12 @@ SSIM compare them with the originals (``genlab.metrics.reconstruction``). No Inc
 it rates diversity and class confidence, not fidelity to an input. ``reconstruct`` is
 deterministic, so no seed is involved.
 
-The real floor (``real_split``) measures real images of a split the same way.
+The real floor (``real_split``) measures real images of a split the same way: another split
+(``test``: independent real images, the floor of an unconditional model), or ``redrawn``: the
+reference split's own scenes drawn again (datasets with a ``redrawn(split)``: shapes), the floor
+of a text model prompted with the reference captions — the protocol of the generated images.
+The reconstructions and the redrawn images are paired with the reference items (KID's paired
+estimator).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from genlab.data.splits import split_dataset
 from genlab.evaluation.generation import own_captions
 from genlab.evaluation.protocol import weights_of
 
-Measure = Callable[..., dict[str, Any]]  # measure(source, n, conditions, originals=, skip=)
+Measure = Callable[
+    ..., dict[str, Any]
+]  # measure(source, n, conditions, originals=, skip=, paired=)
 
 
 def evaluate_reconstructed(
@@ -58,11 +65,12 @@ def evaluate_reconstructed(
             return pl_module.reconstruct(originals(items).to(pl_module.device))
 
     start = time.monotonic()
-    values = measure(source, n, conditions, originals=originals, skip={"is"})
+    values = measure(source, n, conditions, originals=originals, skip={"is"}, paired=True)
     result = {
         **protocol(n),
         "num_samples": values.pop("num_samples"),
         "source": f"reconstructions of {split} items 0..{n - 1}",
+        "paired": True,
         "weights": weights_of(pl_module),
     }
     del result["is_splits"]  # no Inception Score of reconstructions
@@ -77,9 +85,19 @@ def evaluate_real(
     num_samples: int,
     measure: Measure,
     protocol: Callable[[int], dict[str, Any]],
+    reference_split: str = "val",
 ) -> dict[str, Any]:
-    """The floor: real images of ``split`` measured as if they were generated."""
-    dataset = split_dataset(datamodule, split)
+    """The floor: real images of ``split`` measured as if they were generated; ``redrawn``: the
+    ``reference_split``'s scenes drawn again (module docstring)."""
+    if split == "redrawn":
+        if not callable(getattr(datamodule, "redrawn", None)):
+            raise ValueError(
+                f"real_split=redrawn needs a dataset that can draw its scenes again (shapes); "
+                f"{type(datamodule).__name__} cannot: use real_split=test"
+            )
+        dataset, source_name = datamodule.redrawn(reference_split), f"{reference_split} redrawn"
+    else:
+        dataset, source_name = split_dataset(datamodule, split), f"{split} split"
     n = min(num_samples, len(dataset))
     conditions = own_captions(dataset, n)
 
@@ -87,11 +105,13 @@ def evaluate_real(
         return torch.stack([dataset[i]["image"] for i in items])
 
     start = time.monotonic()
-    values = measure(source, n, conditions)
+    paired = split in ("redrawn", reference_split)  # item i made for (or is) reference item i
+    values = measure(source, n, conditions, paired=paired)
     result = {
         **protocol(n),
         "num_samples": values.pop("num_samples"),
-        "source": f"real images, {split} split",
+        "source": f"real images, {source_name}",
+        "paired": paired,
     }
     result["seconds"] = round(time.monotonic() - start, 2)
     return {"name": f"real_{split}", "protocol": result, "metrics": values}

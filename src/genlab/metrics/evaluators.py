@@ -5,7 +5,8 @@ An evaluator (the shapes oracle, CLIP) is made by a documented training command,
 configured checkpoint path; when the file is missing and a recipe is configured, it runs exactly
 that command in a subprocess (so the checkpoint is the one a user would make by hand), copies
 the run's ``last.ckpt`` to the path atomically, and writes ``<path>.json`` beside it with the
-command, the run folder and the date. A lock file keeps two processes from building the same
+command, the run folder and the date. The installed file is the checkpoint without its training
+state (optimizer, schedulers, loops: :func:`install_weights`), a few MB. A lock file keeps two processes from building the same
 evaluator at once; a failed build leaves no checkpoint and raises with the end of its log.
 """
 
@@ -22,7 +23,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from genlab.utils.io import atomic_copy
+import torch
+
+from genlab.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ def build(path: Path, recipe: list[str], *, name: str) -> None:
             f"{name}: building the evaluator with `{shown}` failed (exit code "
             f"{result.returncode}); the end of {run_dir / 'build.log'}:\n{tail}"
         )
-    atomic_copy(made, path)  # atomic: readers see no file or the whole file
+    install_weights(made, path)  # atomic: readers see no file or the whole file
     info = {
         "command": shown,
         "run_dir": str(run_dir),
@@ -148,3 +151,26 @@ def build(path: Path, recipe: list[str], *, name: str) -> None:
     }
     path.with_name(path.name + ".json").write_text(json.dumps(info, indent=2) + "\n")
     log.warning("%s: built %s in %.0f s", name, path, info["seconds"])
+
+
+TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks", "MixedPrecision")
+
+
+def install_weights(checkpoint: str | Path, path: str | Path) -> None:
+    """Write ``checkpoint`` to ``path`` (atomically) without its training state: what an
+    evaluator needs, the weights with the configs and entries that ``genlab.load`` reads."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for key in TRAINING_STATE:
+        ckpt.pop(key, None)
+    atomic_torch_save(ckpt, path)
+
+
+if __name__ == "__main__":  # python -m genlab.metrics.evaluators install RUN/last.ckpt OUT.ckpt
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Install an evaluator checkpoint's weights.")
+    parser.add_argument("command", choices=["install"])
+    parser.add_argument("checkpoint")
+    parser.add_argument("path")
+    args = parser.parse_args()
+    install_weights(args.checkpoint, args.path)

@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -87,16 +86,6 @@ def atomic_torch_save(obj: Any, path: str | Path, *, stream: bool = False) -> No
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getbuffer())
-
-
-def atomic_copy(source: str | Path, path: str | Path) -> None:
-    """Copy the file ``source`` to ``path`` atomically (:func:`atomic_write`)."""
-
-    def write(f: BinaryIO) -> None:
-        with open(source, "rb") as src:
-            shutil.copyfileobj(src, f)
-
-    atomic_write(path, write)
 
 
 def remove_stale_temporaries(path: Path) -> None:

@@ -12,7 +12,14 @@ per image. The evaluation code (metrics callback, ``eval.py``) uses three views 
 
 * ``parse(images)``: per cell (shape, colour, size) indices, -1 for an empty cell, the format of
   ``genlab.data.shapes.cell_attributes`` and ``caption_cells`` (caption accuracy);
-* ``features(images)``: the ``feature_dim``-vector before the heads (FID, KID, precision/recall);
+* ``features(images)``: a ``whiten_dim``-vector for FID, KID and precision/recall: the network's
+  ``feature_dim``-vector before the heads, projected on its ``whiten_dim`` principal components
+  and scaled to unit variance, ``(f - μ) V_k Λ_k^{-1/2}``, with μ, V, Λ the mean and the
+  eigen-decomposition of the covariance of real *training* images' features (``fit_whitening``,
+  run at the end of training on the first ``whiten_images`` train items and stored in the
+  checkpoint). On real data the features are then centred with identity covariance, so a
+  Fréchet distance or a kernel on them weighs every retained direction alike and has a small,
+  known bias at small N (about d²/2N for real-vs-real FID on independent sets);
 * ``class_probs(images)``: p(y | x) over the 45 (shape, colour) classes (Inception Score).
 
 The output tables are always the full ones (``SHAPES``, ``COLOR_NAMES``, ``SIZE_NAMES``, ``CELLS``),
@@ -21,12 +28,20 @@ methods run without gradients, in eval mode and in float32 with autocast off, so
 does not depend on the caller's mode or precision. Validation and test log the loss, the share
 of images parsed exactly (all 9 cells), the occupancy accuracy per cell and the shape, colour and
 size accuracies on occupied cells.
+
+Versions: an evaluator checkpoint records ``genlab_evaluator = {"name": "shapes_oracle",
+"version": 2}``. Version 1 (before the whitening) offered the raw 256-d features, whose FID
+could not tell a trained model from real images at N = 256; the metrics refuse it
+(``genlab.evaluation.tools``). The project ships the version-2 evaluator
+(``WEIGHTS``), trained by ``experiment=shapes_oracle``, so every machine measures with the same
+weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -53,6 +68,9 @@ log = RankedLogger(__name__, rank_zero_only=True)
 ATTRIBUTES = ("shape", "color", "size")  # the columns of parse() and cell_attributes()
 TABLES = {"cells": CELLS, "shape": SHAPES, "color": COLOR_NAMES, "size": SIZE_NAMES}
 METRICS = ("loss", "exact", "acc_occupancy", "acc_shape", "acc_color", "acc_size")
+VERSION = 2  # of the evaluator: what its features are (module docstring)
+EVALUATOR_KEY = "genlab_evaluator"  # the checkpoint entry that names the evaluator and version
+WEIGHTS = Path(__file__).parent / "weights" / f"shapes_oracle_v{VERSION}.ckpt"  # shipped
 
 
 class ShapesOracle(L.LightningModule):
@@ -65,6 +83,8 @@ class ShapesOracle(L.LightningModule):
         optimizer: partial optimizer, called with the parameters.
         lr_scheduler: partial scheduler called with ``(optimizer, total_steps=...)``, or None.
         image_size: the resolution the network reads; other inputs are resized to it.
+        whiten_dim: k, the dimension of :meth:`features` (principal components kept).
+        whiten_images: how many train images the whitening is fitted on.
     """
 
     capabilities = frozenset()  # the model contract (genlab.models.contract)
@@ -76,13 +96,30 @@ class ShapesOracle(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
         image_size: int = 32,
+        whiten_dim: int = 32,
+        whiten_images: int = 8192,
     ):
         super().__init__()
         check_net(net, image_size)
+        if not 1 <= whiten_dim <= net.feature_dim:
+            raise ValueError(
+                f"model.whiten_dim={whiten_dim} must be in [1, model.net.feature_dim="
+                f"{net.feature_dim}]"
+            )
+        if whiten_images <= whiten_dim:
+            raise ValueError(
+                f"model.whiten_images={whiten_images} must exceed model.whiten_dim={whiten_dim}"
+            )
         self.net = net
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.image_size = image_size
-        self.feature_dim: int = net.feature_dim
+        self.feature_dim: int = whiten_dim
+        self.whiten_images = whiten_images
+        # the whitening (fit_whitening): zeros until fitted at the end of training
+        self.register_buffer("feature_mean", torch.zeros(net.feature_dim))
+        self.register_buffer("feature_projection", torch.zeros(net.feature_dim, whiten_dim))
+        self.register_buffer("whitened", torch.tensor(False))
+        self.version = VERSION  # 1 for a checkpoint from before the whitening (on_load)
         self.num_classes = len(SHAPES) * len(COLOR_NAMES)  # (shape, colour) classes for the IS
         # epoch means synced over ranks
         self.metrics = nn.ModuleDict(
@@ -118,6 +155,76 @@ class ShapesOracle(L.LightningModule):
         loss = parse_loss(logits, targets_of(batch)).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_train_end(self) -> None:
+        """Fit the feature whitening on the first ``whiten_images`` train images, then rewrite
+        ``last.ckpt`` so the evaluator checkpoint holds it (checkpoints written earlier in the
+        run do not, and the metrics refuse them)."""
+        from genlab.data.splits import split_dataset
+
+        if self.trainer.datamodule is None:
+            log.warning("no datamodule: the feature whitening is not fitted")
+            return
+        dataset = split_dataset(self.trainer.datamodule, "train")
+        n = min(self.whiten_images, len(dataset))
+        if n <= self.feature_dim:
+            raise ValueError(
+                f"the feature whitening needs more than whiten_dim={self.feature_dim} train "
+                f"images; the train split has {len(dataset)}"
+            )
+        batches = (
+            torch.stack([dataset[i]["image"] for i in range(s, min(s + 256, n))])
+            for s in range(0, n, 256)
+        )
+        with self.inference():
+            raw = torch.cat([self.net(x.to(self.device))[0].float() for x in batches])
+        self.fit_whitening(raw)
+        log.info(f"feature whitening fitted on {n} train images ({self.feature_dim} components)")
+        folders = {c.dirpath for c in self.trainer.checkpoint_callbacks if c.dirpath}
+        for last in sorted(Path(f) / "last.ckpt" for f in folders):
+            if last.is_file():
+                self.trainer.save_checkpoint(last)
+
+    def fit_whitening(self, raw: torch.Tensor) -> None:
+        """Set the whitening from raw features ``(N, feature_dim)`` of real train images: μ, and
+        the top ``whiten_dim`` eigenvectors of their covariance scaled by 1/√eigenvalue, in
+        float64 (module docstring). The whitened train features have mean 0, covariance I."""
+        raw = raw.double()
+        mean = raw.mean(dim=0)
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov((raw - mean).T))
+        top = eigenvalues.argsort(descending=True)[: self.feature_dim]
+        if eigenvalues[top[-1]] <= 1e-12 * eigenvalues[top[0]].clamp(min=1e-30):
+            raise ValueError(
+                f"the train features span fewer than whiten_dim={self.feature_dim} directions: "
+                "lower model.whiten_dim"
+            )
+        projection = eigenvectors[:, top] / eigenvalues[top].sqrt()
+        self.feature_mean.copy_(mean.float())
+        self.feature_projection.copy_(projection.float())
+        self.whitened.fill_(True)
+
+    def check_evaluator(self, path: str | Path) -> None:
+        """Refuse a checkpoint of another evaluator version, or one without the whitening, as
+        the metrics' evaluator (``genlab.evaluation.tools``), with the way out."""
+        if self.version == VERSION and bool(self.whitened):
+            return
+        raise ValueError(
+            f"the shapes oracle at {str(path)!r} is version {self.version}"
+            f"{'' if bool(self.whitened) else ', without feature whitening'}; the metrics need "
+            f"version {VERSION}. Use the shipped evaluator ({WEIGHTS}, the default of "
+            "callbacks.generative_metrics.oracle_checkpoint), or rebuild yours with `python "
+            "src/train.py experiment=shapes_oracle` (its checkpoints/last.ckpt)"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[EVALUATOR_KEY] = {"name": "shapes_oracle", "version": VERSION}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint from before the whitening (version 1) loads with an unfitted one."""
+        self.version = checkpoint.get(EVALUATOR_KEY, {}).get("version", 1)
+        state = checkpoint["state_dict"]
+        for name in ("feature_mean", "feature_projection", "whitened"):
+            state.setdefault(name, getattr(self, name).clone())
 
     def configure_optimizers(self):
         return optimizers(
@@ -166,8 +273,20 @@ class ShapesOracle(L.LightningModule):
         return caption_cells(caption)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The network's penultimate representation (B, feature_dim) of images (B, 3, H, W) in
-        [-1, 1], for FID, KID and precision/recall."""
+        """Whitened features (B, whiten_dim) of images (B, 3, H, W) in [-1, 1], for FID, KID and
+        precision/recall (module docstring)."""
+        if not bool(self.whitened):
+            raise ValueError(
+                "this shapes oracle has no feature whitening (a version-1 evaluator, or a "
+                "checkpoint written before its training ended): use the shipped evaluator "
+                f"{WEIGHTS} or the last.ckpt of `python src/train.py experiment=shapes_oracle`"
+            )
+        raw = self.raw_features(images)
+        with self.inference():
+            return (raw - self.feature_mean) @ self.feature_projection
+
+    def raw_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The network's penultimate representation (B, net.feature_dim), before whitening."""
         with self.inference():
             features, _ = self.net(self.prepare(images))
         return features
