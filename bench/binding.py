@@ -1,0 +1,105 @@
+"""Does a text-to-image shapes model draw what one- and two-object prompts say? (issue 21)
+
+For a checkpoint, draws one image per prompt for three groups of prompts and parses them with
+the shipped shapes oracle (``genlab.models.evaluators.shapes_oracle.WEIGHTS``):
+
+* ``1 object``: the first N one-object scenes of the val split;
+* ``2 objects``: the first N two-object scenes of the val split (both objects' shape, colour,
+  size and cell right, and no extra object, for "exact");
+* ``compositional``: the first N scenes of the compositional split (each shows at least one
+  held-out shape-colour pair that training never showed).
+
+Captions use the canonical template (what the sample grids and the metrics use). Every group
+reports exact, per-attribute rates (over the prompt's objects) and extra objects per image, by
+``genlab.metrics.text_image.CaptionAccuracy``. The model's own sampler, steps and guidance are
+used unless given.
+
+    python bench/binding.py CKPT [--n 512] [--guidance 3] [--steps 50] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+import genlab
+from genlab.data.shapes import ShapesDataModule, caption_cells, caption_scene
+from genlab.metrics.text_image import CaptionAccuracy
+from genlab.models.evaluators.shapes_oracle import WEIGHTS
+from genlab.utils.checkpoint import DATA_CONFIG_KEY, read_checkpoint
+
+COLUMNS = ("exact", "shape", "color", "size", "cell", "extra")
+
+
+def prompts_of(data: ShapesDataModule, split: str, n: int, objects: int | None) -> list[str]:
+    """Canonical captions of the first ``n`` scenes of ``split`` with ``objects`` objects
+    (any number when None), scanning up to 50x n items."""
+    dataset = data.split(split)
+    found = []
+    for i in range(min(len(dataset), 50 * n)):
+        scene, _ = dataset.scene(i)
+        if objects is None or len(scene) == objects:
+            found.append(caption_scene(scene, template=0))
+            if len(found) == n:
+                return found
+    raise ValueError(f"only {len(found)} {split} scenes with {objects} objects; lower --n")
+
+
+def score(model, oracle, prompts: list[str], args, seed: int) -> dict[str, float]:
+    """Caption accuracy of one image per prompt, drawn in batches from a seeded generator."""
+    metric = CaptionAccuracy()
+    generator = torch.Generator().manual_seed(seed)
+    options = {"steps": args.steps, "guidance_scale": args.guidance}
+    options = {k: v for k, v in options.items() if v is not None}
+    for start in range(0, len(prompts), args.batch):
+        chunk = prompts[start : start + args.batch]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            images = model.generate(chunk, generator=generator, **options).float()
+        wanted = torch.from_numpy(np.stack([caption_cells(p) for p in chunk]))
+        metric.update(oracle.parse(images), wanted)
+    values = {k: float(v) for k, v in metric.compute().items()}
+    return {k: values[k] for k in COLUMNS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ckpt")
+    parser.add_argument("--n", type=int, default=512, help="prompts per group")
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--json", default=None, help="also write the table here")
+    args = parser.parse_args()
+
+    config = dict(read_checkpoint(args.ckpt)[DATA_CONFIG_KEY])
+    config.pop("_target_", None)
+    scan = {"val_size": 50 * args.n, "compositional_size": args.n}
+    data = ShapesDataModule(**{**config, **scan})
+    model, oracle = genlab.load(args.ckpt), genlab.load(WEIGHTS)
+    groups = {
+        "1 object": prompts_of(data, "val", args.n, 1),
+        "2 objects": prompts_of(data, "val", args.n, 2),
+        "compositional": prompts_of(data, "compositional", args.n, None),
+    }
+    print(f"checkpoint {args.ckpt}; N = {args.n} prompts per group; oracle {WEIGHTS.name}")
+    print(f"{'prompts':<15}" + "".join(f"{c:>8}" for c in COLUMNS) + f"{'s':>8}")
+    results = {}
+    for k, (name, prompts) in enumerate(groups.items()):
+        start = time.monotonic()
+        results[name] = score(model, oracle, prompts, args, seed=args.seed + k)
+        seconds = time.monotonic() - start
+        row = "".join(f"{results[name][c]:>8.3f}" for c in COLUMNS)
+        print(f"{name:<15}{row}{seconds:>8.0f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": args.ckpt, "n": args.n, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
