@@ -1,5 +1,6 @@
-"""SampleGrid, FinalValidation and StepTimer inside a real Trainer, on a one-parameter LightningModule whose
-``generate`` records how it was called (the callbacks are what is tested, not the model)."""
+"""SampleGrid, FinalValidation and StepTimer inside a real Trainer, on a one-parameter
+LightningModule whose ``generate`` records how it was called (the callbacks are what is tested,
+not the model)."""
 
 from __future__ import annotations
 
