@@ -175,9 +175,8 @@ RECON_METRICS = [
     ("caption_exact", "caption exact ↑"),
     ("caption_exact_1obj", "exact, 1 object ↑"),
     ("caption_exact_2obj", "exact, 2 objects ↑"),
-    ("usage", "codebook usage"),
-    ("perplexity", "perplexity"),
 ]
+CODEBOOK = {"codebook usage": "test/codebook_usage", "perplexity": "test/perplexity"}
 # protocol fields that are not sampling settings (the rest are: sampler, guidance, weights, ...)
 NOT_SAMPLING = {
     "extractor",
@@ -526,6 +525,7 @@ def evaluate(model: Model, args: argparse.Namespace, run_dir: Path, log: Path) -
         "eval_seconds": round(seconds, 1),
         "metrics_file": str(run_dir / "metrics.json"),
         "results": report["results"],
+        "logged": report["metrics"],  # the model's own test metrics, e.g. codebook usage
         "command": shlex.join(cmd),
     }
 
@@ -700,8 +700,14 @@ def training_columns(args: argparse.Namespace, model: Model) -> dict[str, Any]:
 
 
 def sampling_text(protocol: dict[str, Any]) -> str:
-    """The sampling settings of a result's protocol, e.g. ``sampler DDIM-50, guidance_scale 3``."""
-    return "; ".join(f"{k} {v}" for k, v in protocol.items() if k not in NOT_SAMPLING)
+    """The sampling settings of a result's protocol, e.g. ``sampler ddim-50, guidance_scale 3``;
+    an assembled model's stages after it, each in brackets."""
+    text = "; ".join(
+        f"{k} {v}" for k, v in protocol.items() if k not in NOT_SAMPLING and k != "stages"
+    )
+    for k, stage in enumerate(protocol.get("stages", []), 1):
+        text += f"; stage {k} [" + "; ".join(f"{k} {v}" for k, v in stage.items()) + "]"
+    return text
 
 
 def metric_columns(
@@ -752,6 +758,7 @@ def autoencoder_rows(args: argparse.Namespace, models: list[Model], status: dict
                 "resolution": model.resolution,
                 **training_columns(args, model),
                 **metric_columns(result, floor, RECON_METRICS),
+                **{k: (record or {}).get("logged", {}).get(v) for k, v in CODEBOOK.items()},
                 "samples": result["protocol"].get("num_samples") if result else None,
                 "eval s": round(record["eval_seconds"]) if result else None,
                 "status": status.get(model.name, "not run"),
@@ -926,7 +933,9 @@ def write_guidance(args: argparse.Namespace, models: list[Model]) -> Path | None
     """guidance.csv and guidance.png: FID against caption exact over guidance scales."""
     rows = []
     for model in (m for m in models if m.guided):
-        results = [generated(load_record(args, model, "eval"))]
+        evaluation = load_record(args, model, "eval")
+        floor = generated(evaluation, "real_test")
+        results = [generated(evaluation)]
         sweep_record = load_record(args, model, "sweep")
         if sweep_record and sweep_record["status"] == "done":
             results += [r for r in sweep_record["results"] if r["name"] == "generated"]
@@ -938,6 +947,7 @@ def write_guidance(args: argparse.Namespace, models: list[Model]) -> Path | None
                     "variant": model.variant,
                     "guidance_scale": result["protocol"].get("guidance_scale"),
                     **{k: result["metrics"].get(k) for k, _ in METRICS},
+                    "fid_floor": floor["metrics"]["fid"] if floor else None,
                 }
             )
     rows = [r for r in rows if r["guidance_scale"] is not None]
@@ -950,11 +960,13 @@ def write_guidance(args: argparse.Namespace, models: list[Model]) -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    for name in dict.fromkeys(r["model"] for r in rows):
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    cols = min(3, len(names))
+    lines = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4 * cols, 3.3 * lines), dpi=110, squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
         points = [r for r in rows if r["model"] == name]
-        label = f"{points[0]['family']} ({points[0]['variant']})"
-        ax.plot([p["caption_exact"] for p in points], [p["fid"] for p in points], "o-", label=label)
+        ax.plot([p["caption_exact"] for p in points], [p["fid"] for p in points], "o-")
         for p in points:
             ax.annotate(
                 f"w={p['guidance_scale']:g}",
@@ -963,11 +975,16 @@ def write_guidance(args: argparse.Namespace, models: list[Model]) -> Path | None
                 xytext=(4, 4),
                 fontsize=7,
             )
-    ax.set_xlabel("caption exact (higher is better)")
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title(f"Guidance scale: fidelity vs. prompt accuracy (N = {args.num_samples})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        if points[0]["fid_floor"] is not None:
+            ax.axhline(points[0]["fid_floor"], color="gray", linestyle="--", label="floor (real)")
+            ax.legend(fontsize=7)
+        ax.set_title(f"{points[0]['family']} ({points[0]['variant']})", fontsize=9)
+        ax.set_xlabel("caption exact ↑", fontsize=8)
+        ax.set_ylabel("FID ↓", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle(f"Guidance scale w: FID against caption exact (N = {args.num_samples})")
     fig.tight_layout()
     path = args.out / "guidance.png"
     fig.savefig(path)
@@ -1017,7 +1034,8 @@ def write_samples_picture(
         draw.multiline_text((x, 4), caption, fill="black", font=font)
     for i, (model, images) in enumerate(rows):
         y = header + i * (size + gap)
-        label = f"{model.family}\n{textwrap.fill(model.variant, 20)}\n{images[0].width} px"
+        variant = textwrap.fill(model.variant.replace("→", "->"), 20)  # the font has no arrow
+        label = f"{model.family}\n{variant}\n{images[0].width} px"
         if not model.conditional:
             label += "\n(unconditional:\nno prompt)"
         draw.multiline_text((4, y + 4), label, fill="black", font=font)
