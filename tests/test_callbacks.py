@@ -1,8 +1,10 @@
-"""SampleGrid and FinalValidation inside a real Trainer, on a one-parameter LightningModule whose
-``generate`` records how it was called (the callbacks are what is tested, not the model)."""
+"""SampleGrid, FinalValidation and StepTimer inside a real Trainer, on a one-parameter
+LightningModule whose ``generate`` records how it was called (the callbacks are what is tested,
+not the model)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from genlab.callbacks.final_validation import FinalValidation
 from genlab.callbacks.sample_grid import SampleGrid
+from genlab.callbacks.step_timer import StepTimer
 from genlab.diffusion.samplers import Sampler
 from genlab.models.contract import SamplingOptions
 
@@ -161,3 +164,29 @@ def test_label_and_unconditional_models(tmp_path: Path, condition, expected, tex
 def test_bad_arguments_name_the_key() -> None:
     with pytest.raises(ValueError, match=r"callbacks.sample_grid: num_samples=0"):
         SampleGrid(num_samples=0)
+
+
+@pytest.mark.parametrize(("max_steps", "warmup", "timed"), [(5, 2, 3), (5, 0, 5), (2, 2, 0)])
+def test_step_timer_times_the_steps_after_the_warm_up(
+    tmp_path: Path, max_steps: int, warmup: int, timed: int
+) -> None:
+    path = tmp_path / "times.json"
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[StepTimer(warmup_steps=warmup, path=str(path))],
+    )
+    trainer.fit(RecordingGenerator("text"), datamodule=TinyData())
+    record = json.loads(path.read_text())
+    assert record["warmup_steps"] == warmup and record["timed_steps"] == timed
+    if timed:
+        assert record["seconds"] > 0
+        assert record["seconds_per_step"] == pytest.approx(record["seconds"] / timed)
+    else:
+        assert record["seconds_per_step"] is None

@@ -256,10 +256,11 @@ def test_cascade_has_the_final_resolution_and_is_reproducible(stages) -> None:
     assert not torch.equal(unguided, first)
     assert cascade.sampling_options().protocol()["stages"][0]["thresholding"] == "static"
     swept = cascade.sampling_options(guidance_scale=1.0, thresholding="none").protocol()
-    assert swept["stages"][0]["guidance_scale"] == 1.0
+    assert swept["stages"][0]["guidance_scale"] == swept["guidance_scale"] == 1.0
     assert swept["stages"][0]["thresholding"] == "none"
     assert swept["stages"][1]["thresholding"] == "dynamic"  # the SR stage's option
     protocol = cascade.sampling_options().protocol()
+    assert protocol["guidance_scale"] == protocol["stages"][0]["guidance_scale"]  # the base's
     assert [s["size"] for s in protocol["stages"]] == [16, 32]
     assert protocol["stages"][1]["aug_level"] == 0.2
     with pytest.raises(ValueError, match=r"stages\[1\].*super-resolution stage from 16 px"):
@@ -283,6 +284,7 @@ def test_cascade_through_eval_and_sample(stages, tmp_path) -> None:
         "data.test_size=16",
         "data.val_size=16",
         "eval.num_samples=8",
+        "eval.guidance_scales=[1,2]",  # a sweep of the base stage's scale
         "callbacks.generative_metrics.batch_size=4",
         *ORACLE_OVERRIDES,
         f"hydra.run.dir={run}",
@@ -291,9 +293,12 @@ def test_cascade_through_eval_and_sample(stages, tmp_path) -> None:
     check_ok(result)
     report = json.loads((run / "metrics.json").read_text())
     assert report["method"] == "ImagenCascade"
-    (generated,) = [r for r in report["results"] if r["name"] == "generated"]
-    assert generated["protocol"]["sampler"] == "cascade"
-    assert "caption_exact" in generated["metrics"] and "fid" in generated["metrics"]
+    generated = [r for r in report["results"] if r["name"] == "generated"]
+    assert [g["protocol"]["guidance_scale"] for g in generated] == [1.0, 2.0]
+    assert [g["protocol"]["stages"][0]["guidance_scale"] for g in generated] == [1.0, 2.0]
+    assert all(g["protocol"]["sampler"] == "cascade" for g in generated)
+    assert "caption_exact" in generated[0]["metrics"] and "fid" in generated[0]["metrics"]
+    assert (run / "sweep.csv").is_file()
 
     out = tmp_path / "cascade.png"
     result = run_entry(

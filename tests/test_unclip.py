@@ -345,6 +345,7 @@ def test_unclip_trains_samples_and_evaluates_through_the_entry_points(clip_ckpt,
         "data.val_size=16",
         "data.test_size=16",
         "eval.num_samples=8",
+        "eval.guidance_scales=[1,2]",  # a sweep of the decoder's scale
         *ORACLE_OVERRIDES,
         f"hydra.run.dir={tmp_path / 'eval'}",
         tmp_path=tmp_path,
@@ -354,6 +355,9 @@ def test_unclip_trains_samples_and_evaluates_through_the_entry_points(clip_ckpt,
     results = json.loads(report.read_text())
     text = json.dumps(results)
     assert "fid" in text and "caption" in text and '"unclip"' in text
+    generated = [r["protocol"] for r in results["results"] if r["name"] == "generated"]
+    assert [p["guidance_scale"] for p in generated] == [1.0, 2.0]
+    assert [p["stages"][1]["guidance_scale"] for p in generated] == [1.0, 2.0]  # the decoder
 
 
 def perturbed_copy(clip: Path, path: Path, delta: float) -> Path:

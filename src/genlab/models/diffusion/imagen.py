@@ -83,13 +83,17 @@ class ImagenCascade(L.LightningModule):
         return per_stage
 
     def sampling_options(self, **given: Any) -> SamplingOptions:
-        """Each stage's resolved options, as the stages resolve them."""
+        """Each stage's resolved options, as the stages resolve them; the cascade's own
+        ``guidance_scale`` is the base stage's (the one that ``guidance_scale=`` and a guidance
+        sweep set)."""
         stages = []
         for stage, opts in zip(self.stages, self.stage_options(**given), strict=True):
             resolved = stage.sampling_options(**opts)
             extra = {"size": stage.image_size} | resolved.extra
             stages.append(dataclasses.replace(resolved, extra=extra))
-        return SamplingOptions(sampler="cascade", stages=tuple(stages))
+        return SamplingOptions(
+            sampler="cascade", guidance_scale=stages[0].guidance_scale, stages=tuple(stages)
+        )
 
     def train(self, mode: bool = True) -> ImagenCascade:
         return super().train(False)  # the stages never train

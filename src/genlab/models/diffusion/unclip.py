@@ -412,10 +412,13 @@ class UnCLIP(L.LightningModule):
         return self.decoder_options.given() | {k: v for k, v in given.items() if v is not None}
 
     def sampling_options(self, **given: Any) -> SamplingOptions:
-        """The prior's and the decoder's resolved options (``given`` applies to the decoder)."""
+        """The prior's and the decoder's resolved options (``given`` applies to the decoder); the
+        pair's own ``guidance_scale`` is the decoder's (the one a guidance sweep sets)."""
         prior = self.prior.sampling_options(**self.prior_options.given())
         decoder = self.decoder.sampling_options(**self.decoder_kwargs(**given))
-        return SamplingOptions(sampler="unclip", stages=(prior, decoder))
+        return SamplingOptions(
+            sampler="unclip", guidance_scale=decoder.guidance_scale, stages=(prior, decoder)
+        )
 
     @torch.no_grad()
     def generate(
