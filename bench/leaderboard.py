@@ -29,8 +29,10 @@ The protocol
 * **Evaluation.** ``python src/eval.py`` on each model with one protocol: ``--num-samples`` images
   (default 256) for the val prompts from seed ``--seed`` against as many val images, with each
   model's own sampler, steps and guidance (recorded from the protocol that eval.py writes), and in
-  the same run the real-image floor (``eval.real_split=test``: real test images measured as if
-  generated, against the same reference), shown next to every number.
+  the same run the real-image floor, shown next to every number: real images measured as if
+  generated, against the same reference — the reference scenes drawn again
+  (``eval.real_split=redrawn``) for the models whose images are paired with the reference items
+  (text models, autoencoders), real test images (``eval.real_split=test``) for Glow.
 * **Guidance curves.** For the families with classifier-free guidance (DDPM, LDM, Imagen: the
   base stage's scale, unCLIP: the decoder's, DALL·E: on the logits), eval.py's guidance sweep at
   ``--guidance-scales`` (same N and seed; the model's own scale comes from its evaluation):
@@ -516,9 +518,22 @@ def trained_steps(ckpt: Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
 
 
+def floor_split(model: Model) -> str:
+    """The real split of a model's floor: ``redrawn`` (the reference scenes drawn again, what
+    a perfect model would give) for a model whose images are paired with the reference — a text
+    model prompted with the reference captions, an autoencoder reconstructing the reference
+    items; ``test`` (independent real images) for an unconditional one."""
+    return "redrawn" if model.conditional or model.kind == "autoencoder" else "test"
+
+
+def floor_of(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The floor result of an eval record, whichever real split it used."""
+    return generated(record, "real_redrawn") or generated(record, "real_test")
+
+
 def evaluate(model: Model, args: argparse.Namespace, run_dir: Path, log: Path) -> dict:
     """eval.py under the protocol, with the real-image floor; the report is metrics.json."""
-    cmd = eval_command(model, args, run_dir, ["eval.real_split=test"])
+    cmd = eval_command(model, args, run_dir, [f"eval.real_split={floor_split(model)}"])
     seconds = execute(cmd, log, args)
     report = json.loads((run_dir / "metrics.json").read_text())
     return {
@@ -637,7 +652,7 @@ def dry_run(args: argparse.Namespace, models: list[Model]) -> None:
             elif step == "train":
                 cmd = train_command(model, args, run_dir, ["trainer.max_steps=<budget>"])
             elif step == "eval":
-                cmd = eval_command(model, args, run_dir, ["eval.real_split=test"])
+                cmd = eval_command(model, args, run_dir, [f"eval.real_split={floor_split(model)}"])
             elif step == "sweep":
                 scales = f"eval.guidance_scales=[{scale_list(args.scales)}]"
                 cmd = eval_command(model, args, run_dir, [scales])
@@ -727,7 +742,7 @@ def generator_rows(args: argparse.Namespace, models: list[Model], status: dict[s
     rows = []
     for model in (m for m in models if m.kind == "generator"):
         record = load_record(args, model, "eval")
-        result, floor = generated(record), generated(record, "real_test")
+        result, floor = generated(record), floor_of(record)
         row = {
             "model": model.name,
             "family": model.family,
@@ -749,7 +764,7 @@ def autoencoder_rows(args: argparse.Namespace, models: list[Model], status: dict
     rows = []
     for model in (m for m in models if m.kind == "autoencoder"):
         record = load_record(args, model, "eval")
-        result, floor = generated(record, "reconstructed"), generated(record, "real_test")
+        result, floor = generated(record, "reconstructed"), floor_of(record)
         rows.append(
             {
                 "model": model.name,
@@ -885,8 +900,11 @@ def write_outputs(
         f"* wall time: {wall:.0f} s ({wall / 60:.1f} min) for this invocation; {recorded:.0f} s "
         "in all the recorded steps (earlier invocations included)",
         f"* protocol: {protocol_text(args, models)}",
-        "* every metric reads `value (floor)`: the floor is the same metric of real test images"
-        " against the same reference, from the same eval.py run (`eval.real_split=test`)",
+        "* every metric reads `value (floor)`: the floor is the same metric of real images"
+        " against the same reference, from the same eval.py run: for the text models and the"
+        " autoencoders, whose images are paired with the reference items, the reference scenes"
+        " drawn again (`eval.real_split=redrawn`: what a perfect model would score); for the"
+        " unconditional Glow, real test images (`eval.real_split=test`)",
         "",
         "## Generators",
         "",
@@ -904,7 +922,7 @@ def write_outputs(
         "## Autoencoders: reconstructions",
         "",
         "Reconstructions of the reference's own val items: a perfect autoencoder scores rFID 0; "
-        "the floor (real test images) is there for scale.",
+        "the floor (the same scenes drawn again) is there for scale.",
         "",
         markdown_table(
             autoencoders,
@@ -934,7 +952,7 @@ def write_guidance(args: argparse.Namespace, models: list[Model]) -> Path | None
     rows = []
     for model in (m for m in models if m.guided):
         evaluation = load_record(args, model, "eval")
-        floor = generated(evaluation, "real_test")
+        floor = floor_of(evaluation)
         results = [generated(evaluation)]
         sweep_record = load_record(args, model, "sweep")
         if sweep_record and sweep_record["status"] == "done":

@@ -118,7 +118,9 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path: Path, capsys) -
     assert "model=imagen_cascade 'model.stages=[" in printed
     assert "eval.guidance_scales=[1,3,5]" in printed  # the guided families' sweeps
     assert "+callbacks.step_timer=" in printed  # the calibration runs of --minutes (default)
-    assert "eval.real_split=test seed=3" in printed  # the floor, then the extra overrides
+    # the floor, then the extra overrides: the reference redrawn for the paired models
+    assert "eval.real_split=test seed=3" in printed  # unconditional Glow
+    assert "eval.real_split=redrawn seed=3" in printed  # text models and autoencoders
 
 
 def test_a_failing_family_is_recorded_and_the_others_complete_and_are_kept(
