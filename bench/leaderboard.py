@@ -24,8 +24,13 @@ The protocol
   nothing else, so learning-rate schedules and ramps end where the recipe ends them. Training
   runs without its final test (``test=false``: the evaluation below replaces it) and without the
   generative-metrics callback; validation, checkpoints and sample grids run as in the recipe,
-  so the measured train seconds (the whole subprocess) exceed the budget by that overhead. The
-  last checkpoint (the end of the schedule) is evaluated and built on.
+  so the measured train seconds (the whole subprocess) exceed the budget by that overhead; fit
+  seconds (first to last step) are recorded too. Ramps that a recipe sets in absolute steps (the
+  first stages' ``disc_start``, the dVAE's temperature and KL ramps) are not rescaled: under a
+  small budget they may not end, and the calibration's first 25 steps run without the
+  adversary. The LDM's latent cache is built once per first stage by the first run that needs
+  it (the calibration with ``--minutes``), outside the fit. The last checkpoint (the end of the
+  schedule) is evaluated and built on.
 * **Evaluation.** ``python src/eval.py`` on each model with one protocol: ``--num-samples`` images
   (default 256) for the val prompts from seed ``--seed`` against as many val images, with each
   model's own sampler, steps and guidance (recorded from the protocol that eval.py writes), and in
@@ -928,7 +933,7 @@ def write_outputs(
             autoencoders,
             ["family", "variant", "resolution", "train steps", "images seen"],
             RECON_METRICS,
-            ["train s", "eval s", "status"],
+            ["codebook usage", "perplexity", "train s", "eval s", "status"],
         ),
         "",
         "## Training",
@@ -958,20 +963,22 @@ def write_guidance(args: argparse.Namespace, models: list[Model]) -> Path | None
         if sweep_record and sweep_record["status"] == "done":
             results += [r for r in sweep_record["results"] if r["name"] == "generated"]
         for result in filter(None, results):
+            scale = result["protocol"].get("guidance_scale")
+            if scale is None:
+                continue
             rows.append(
                 {
                     "model": model.name,
                     "family": model.family,
                     "variant": model.variant,
-                    "guidance_scale": result["protocol"].get("guidance_scale"),
+                    "guidance_scale": float(scale),
                     **{k: result["metrics"].get(k) for k, _ in METRICS},
                     "fid_floor": floor["metrics"]["fid"] if floor else None,
                 }
             )
-    rows = [r for r in rows if r["guidance_scale"] is not None]
     if not rows:
         return None
-    rows.sort(key=lambda r: (r["model"], r["guidance_scale"]))
+    rows.sort(key=lambda r: (list(BY_NAME).index(r["model"]), r["guidance_scale"]))
     write_csv(args.out / "guidance.csv", rows)
     import matplotlib
 
@@ -997,6 +1004,7 @@ def write_guidance(args: argparse.Namespace, models: list[Model]) -> Path | None
             ax.axhline(points[0]["fid_floor"], color="gray", linestyle="--", label="floor (real)")
             ax.legend(fontsize=7)
         ax.set_title(f"{points[0]['family']} ({points[0]['variant']})", fontsize=9)
+        ax.set_xlim(-0.03, 1.03)
         ax.set_xlabel("caption exact ↑", fontsize=8)
         ax.set_ylabel("FID ↓", fontsize=8)
         ax.grid(alpha=0.3)

@@ -106,6 +106,16 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
         board.check_settings(board.parse_args(["--out", str(tmp_path), "--steps", "2"]))
 
 
+def test_an_images_budget_divides_by_the_recipes_batch(tmp_path: Path) -> None:
+    board = load_script()
+    args = board.parse_args(
+        ["--out", str(tmp_path), "--images", "1000", "--train", "data.batch_size=8"]
+    )
+    assert board.budget_steps(board.BY_NAME["gan"], args) == (125, None)
+    args = board.parse_args(["--out", str(tmp_path), "--images", "1000"])
+    assert board.budget_steps(board.BY_NAME["clip"], args) == (8, None)  # batch 128: 7.8 steps
+
+
 def test_dry_run_prints_every_command_and_runs_nothing(tmp_path: Path, capsys) -> None:
     board = load_script()
     board.main(["--dry-run", "--out", str(tmp_path / "out"), "--eval", "seed=3"])
