@@ -21,7 +21,7 @@ The protocol
   overrides (the time of ``--calibration-steps`` steps after 5 warm-up steps, measured inside
   the run by ``genlab.callbacks.step_timer``); ``--images`` images seen (steps = images / the
   recipe's batch size); or ``--steps`` for every model. The budget sets ``max_steps`` and
-  nothing else, so learning-rate schedules and ramps end where the recipe ends them. Training
+  nothing else, and the learning-rate schedules, which read it, end with the run. Training
   runs without its final test (``test=false``: the evaluation below replaces it) and without the
   generative-metrics callback; validation, checkpoints and sample grids run as in the recipe,
   so the measured train seconds (the whole subprocess) exceed the budget by that overhead; fit
@@ -41,7 +41,7 @@ The protocol
 * **Guidance curves.** For the families with classifier-free guidance (DDPM, LDM, Imagen: the
   base stage's scale, unCLIP: the decoder's, DALL·E: on the logits), eval.py's guidance sweep at
   ``--guidance-scales`` (same N and seed; the model's own scale comes from its evaluation):
-  caption exact against FID, one line per model, in ``guidance.png``.
+  FID against caption exact, one panel per model with its FID floor, in ``guidance.png``.
 * **Samples.** ``python src/sample.py`` draws one image for each of 8 fixed val captions (4 with
   one object, 4 with two) from every generator with its own sampling settings and seed
   ``--seed``; the unconditional Glow draws 8 images. ``samples.png`` puts them side by side,
@@ -50,7 +50,8 @@ The protocol
   runs in ``<out>/<model>/<step>/`` with its log ``<out>/<model>/<step>.log`` and leaves
   ``<out>/<model>/<step>.json``: ``done`` with its results, or ``failed`` with the error. A rerun
   skips what is done and retries what failed; a model whose dependency failed is skipped. The
-  tables are written at the end from whatever is recorded.
+  tables are written at the end from whatever is recorded. An output folder keeps one budget
+  and protocol (``settings.json``): a rerun with other settings is refused.
 
 Outputs in ``--out`` (default ``logs/leaderboard/``, git-ignored): ``leaderboard.md`` (every
 table, the command, date, budget, threads and wall time), ``leaderboard.csv`` (generators),
