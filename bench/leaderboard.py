@@ -624,12 +624,17 @@ def check_settings(args: argparse.Namespace) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def trained(args: argparse.Namespace, model: Model) -> bool:
+    """Whether a model's checkpoint is there to build on (its other steps do not matter)."""
+    return (load_record(args, model, "train") or {}).get("status") == "done"
+
+
 def run_all(args: argparse.Namespace, models: list[Model]) -> dict[str, str]:
     """Every step of every model, in order; returns each model's status."""
     status: dict[str, str] = {}
     for model in models:
         print(f"{model.name} ({model.family}, {model.variant})", flush=True)
-        blocked = [d for d in model.deps if status.get(d) != "ok"]
+        blocked = [d for d in model.deps if not trained(args, BY_NAME[d])]
         if blocked:
             status[model.name] = f"skipped: needs {', '.join(blocked)}"
             print(f"  {status[model.name]}")

@@ -78,17 +78,20 @@ def test_dependents_of_a_failed_model_are_skipped(tmp_path: Path, monkeypatch) -
     args = board.parse_args(["--out", str(tmp_path), "--steps", "1"])
     ran = []
 
-    def run_step(args, model, step):
+    def run_step(args, model, step):  # vae64 fails to train, vqgan64 to evaluate
         ran.append(f"{model.name}.{step}")
-        failed = model.name == "vae64" and step == "train"
-        return {"status": "failed" if failed else "done", "log": f"{model.name}/{step}.log"}
+        failed = f"{model.name}.{step}" in ("vae64.train", "vqgan64.eval")
+        record = {"status": "failed" if failed else "done", "log": f"{model.name}/{step}.log"}
+        board.record_file(args, model, step).parent.mkdir(parents=True, exist_ok=True)
+        board.record_file(args, model, step).write_text(json.dumps(record))
+        return record
 
     monkeypatch.setattr(board, "run_step", run_step)
     status = board.run_all(args, board.select_models("ldm,gan"))
     assert status == {
         "gan": "ok",
         "vae64": "failed: train (vae64/train.log)",
-        "vqgan64": "ok",
+        "vqgan64": "failed: eval (vqgan64/eval.log)",  # its checkpoint is still there
         "ldm_vae": "skipped: needs vae64",
         "ldm_vq": "ok",
     }
