@@ -1016,7 +1016,10 @@ def write_guidance(args: argparse.Namespace, models: list[Model]) -> Path | None
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.suptitle(f"Guidance scale w: FID against caption exact (N = {args.num_samples})")
+    title = f"Guidance scale w: FID against caption exact (N = {args.num_samples})"
+    fig.suptitle(
+        title if cols > 1 else title.replace(": ", ":\n"), fontsize=10 if cols == 1 else 12
+    )
     fig.tight_layout()
     path = args.out / "guidance.png"
     fig.savefig(path)
