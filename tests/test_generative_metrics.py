@@ -183,6 +183,9 @@ def test_eval_reports_every_metric_with_its_protocol(
     assert protocol["kid_subset_size"] == 6  # the size in effect: half the sample count
     assert protocol["weights"] in ("EMA", "raw")
     assert real["name"] == "real_test" and real["protocol"]["num_samples"] == 12
+    # prompt i is val item i's caption, so the generated set is paired with the val reference;
+    # independent test images are not
+    assert protocol["paired"] is True and real["protocol"]["paired"] is False
     assert 0 <= generated["metrics"]["caption_exact"] <= 1
     # a fresh run with the same protocol reproduces every number (the reference is cached)
     result2, run_dir2 = eval_run(ckpt, tmp_path, "eval2", "eval.real_split=test")
@@ -250,6 +253,14 @@ def test_images_outside_the_data_range_are_rejected() -> None:
         lambda items: torch.zeros(len(items), 3, 4, 4).uniform_(-1, 1),
     )
     assert values["num_samples"] == 4 and values["fid"] > 0
+    assert values["paired"] is False  # not asked for
+
+    def draw(items):
+        return torch.zeros(len(items), 3, 4, 4).uniform_(-1, 1)
+
+    # pairing holds, and is recorded, only with as many reference items as images (here 8 vs 4)
+    assert callback.measure(Trainer, tools, reference, {}, draw, paired=True)["paired"] is False
+    assert callback.measure(Trainer, tools, reference[:4], {}, draw, paired=True)["paired"] is True
 
 
 def test_bad_metrics_options_name_the_key() -> None:

@@ -207,7 +207,7 @@ class GenerativeMetrics(L.Callback):
                 source = functools.partial(self.generate, pl_module, conditions, scale=scale)
                 paired = "prompts" in conditions and self.reference_split == "val"
                 values = self.measure(trainer, tools, reference, conditions, source, paired=paired)
-                n = values.pop("num_samples")
+                n, paired = values.pop("num_samples"), values.pop("paired")
                 protocol = self.protocol(pl_module, tools, ref_info, scale, n)
                 protocol["paired"] = paired  # prompt i is reference item i's caption
                 protocol["seconds"] = round(time.monotonic() - start, 2)

@@ -66,7 +66,6 @@ def new_metrics(
             metrics["fid"] = FID(reference=reference)
         if "kid" in wanted:
             size = subset_size_for(min(len(reference), n), s["kid_subset_size"])
-            paired = paired and len(reference) == n
             metrics["kid"] = KID(
                 reference=reference, subsets=s["kid_subsets"], subset_size=size, paired=paired
             )
@@ -131,9 +130,11 @@ def measure(
 
     With ``originals(items)`` the images drawn are reconstructions of those: PSNR and SSIM
     against them are measured too. ``paired``: item i was made for reference item i (a prompt
-    that is its caption, a reconstruction, a redraw of its scene). Returns the named values
-    and ``num_samples``.
+    that is its caption, a reconstruction, a redraw of its scene); it holds only with as many
+    reference items as images. Returns the named values, ``num_samples`` and ``paired`` (the
+    pairing in effect, for the protocol).
     """
+    paired = paired and reference is not None and len(reference) == n
     metrics = new_metrics(wanted, settings, tools, reference, conditions, n, note, paired)
     if originals is not None:
         metrics["reconstruction"] = ReconstructionMetrics()
@@ -150,7 +151,7 @@ def measure(
     total = int(count.compute().item())
     if total != n:
         raise RuntimeError(f"generated {total} images over all ranks, expected exactly {n}")
-    values: dict[str, Any] = {"num_samples": total}
+    values: dict[str, Any] = {"num_samples": total, "paired": paired}
     for name, metric in metrics.items():
         values.update(named_values(name, metric.compute()))
     return values

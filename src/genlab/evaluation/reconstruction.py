@@ -31,9 +31,8 @@ from genlab.data.splits import split_dataset
 from genlab.evaluation.generation import own_captions
 from genlab.evaluation.protocol import weights_of
 
-Measure = Callable[
-    ..., dict[str, Any]
-]  # measure(source, n, conditions, originals=, skip=, paired=)
+# measure(source, n, conditions, originals=, skip=, paired=) -> values, num_samples, paired
+Measure = Callable[..., dict[str, Any]]
 
 
 def evaluate_reconstructed(
@@ -70,7 +69,7 @@ def evaluate_reconstructed(
         **protocol(n),
         "num_samples": values.pop("num_samples"),
         "source": f"reconstructions of {split} items 0..{n - 1}",
-        "paired": True,
+        "paired": values.pop("paired"),
         "weights": weights_of(pl_module),
     }
     del result["is_splits"]  # no Inception Score of reconstructions
@@ -111,7 +110,7 @@ def evaluate_real(
         **protocol(n),
         "num_samples": values.pop("num_samples"),
         "source": f"real images, {source_name}",
-        "paired": paired,
+        "paired": values.pop("paired"),
     }
     result["seconds"] = round(time.monotonic() - start, 2)
     return {"name": f"real_{split}", "protocol": result, "metrics": values}

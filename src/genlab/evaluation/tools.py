@@ -106,18 +106,12 @@ def load_evaluator(name: str, evaluators: Evaluators, device: torch.device) -> C
         )
     path = ensure_evaluator(checkpoint, recipe, name=name)  # a lock: one build
     module = genlab.load(path, map_location=device).requires_grad_(False)
-    check_version(module, name, path)
+    check = getattr(module, "check_evaluator", None)  # its version (the shapes oracle's)
+    if callable(check):
+        check(path)
     evaluator = CheckpointEvaluator(module, name=name, checkpoint=path)
     log.info(f"{name} evaluator {path} (version {evaluator.version})")
     return evaluator
-
-
-def check_version(module: Any, name: str, path: Any) -> None:
-    """Refuse an evaluator checkpoint of another version than its code (the shapes oracle's
-    features changed meaning in version 2): the evaluator's own ``check_evaluator``."""
-    check = getattr(module, "check_evaluator", None)
-    if callable(check):
-        check(path)
 
 
 def text_model(pl_module: L.LightningModule) -> bool:
