@@ -14,7 +14,8 @@ reports exact, per-attribute rates (over the prompt's objects) and extra objects
 ``genlab.metrics.text_image.CaptionAccuracy``. The model's own sampler, steps and guidance are
 used unless given.
 
-    python bench/binding.py CKPT [--n 512] [--guidance 3] [--steps 50] [--batch 128]
+    python bench/binding.py CKPT [--n 512] [--guidance 3] [--steps 50] [--sampler heun]
+        [--thresholding dynamic] [--groups 2,compositional] [--batch 128] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from genlab.models.evaluators.shapes_oracle import WEIGHTS
 from genlab.utils.checkpoint import DATA_CONFIG_KEY, read_checkpoint
 
 COLUMNS = ("exact", "shape", "color", "size", "cell", "extra")
+GROUPS = {  # --groups name: (row name, split, objects per scene or None for any)
+    "1": ("1 object", "val", 1),
+    "2": ("2 objects", "val", 2),
+    "compositional": ("compositional", "compositional", None),
+}
 
 
 def prompts_of(data: ShapesDataModule, split: str, n: int, objects: int | None) -> list[str]:
@@ -53,7 +59,12 @@ def score(model, oracle, prompts: list[str], args, seed: int) -> dict[str, float
     """Caption accuracy of one image per prompt, drawn in batches from a seeded generator."""
     metric = CaptionAccuracy()
     generator = torch.Generator().manual_seed(seed)
-    options = {"steps": args.steps, "guidance_scale": args.guidance}
+    options = {
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "sampler": args.sampler,
+        "thresholding": args.thresholding,
+    }
     options = {k: v for k, v in options.items() if v is not None}
     for start in range(0, len(prompts), args.batch):
         chunk = prompts[start : start + args.batch]
@@ -71,6 +82,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512, help="prompts per group")
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--sampler", default=None, help="a sampler of conf/sampler (ddim, heun...)")
+    parser.add_argument("--thresholding", default=None, choices=("none", "static", "dynamic"))
+    parser.add_argument(
+        "--groups", default="1,2,compositional", help="which of 1, 2, compositional to draw"
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
@@ -82,11 +98,11 @@ def main() -> None:
     scan = {"val_size": 50 * args.n, "compositional_size": args.n}
     data = ShapesDataModule(**{**config, **scan})
     model, oracle = genlab.load(args.ckpt), genlab.load(WEIGHTS)
-    groups = {
-        "1 object": prompts_of(data, "val", args.n, 1),
-        "2 objects": prompts_of(data, "val", args.n, 2),
-        "compositional": prompts_of(data, "compositional", args.n, None),
-    }
+    wanted = args.groups.split(",")
+    unknown = sorted(set(wanted) - set(GROUPS))
+    if unknown:
+        parser.error(f"--groups: unknown {unknown}; choose from {', '.join(GROUPS)}")
+    groups = {GROUPS[g][0]: prompts_of(data, GROUPS[g][1], args.n, GROUPS[g][2]) for g in wanted}
     print(f"checkpoint {args.ckpt}; N = {args.n} prompts per group; oracle {WEIGHTS.name}")
     print(f"{'prompts':<15}" + "".join(f"{c:>8}" for c in COLUMNS) + f"{'s':>8}")
     results = {}

@@ -51,11 +51,23 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over pixels, then (if there is a context) cross-attention on tokens."""
+    """Self-attention over pixels (unless ``self_attention=False``), then (if there is a
+    context) cross-attention on tokens."""
 
-    def __init__(self, channels: int, *, heads: int, context_dim: int | None, groups: int, impl):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        heads: int,
+        context_dim: int | None,
+        groups: int,
+        impl,
+        self_attention: bool = True,
+    ):
         super().__init__()
-        self.self_attn = SpatialAttention(channels, heads=heads, groups=groups, impl=impl)
+        self.self_attn = None
+        if self_attention:
+            self.self_attn = SpatialAttention(channels, heads=heads, groups=groups, impl=impl)
         self.cross_attn = None
         if context_dim is not None:
             self.cross_attn = SpatialAttention(
@@ -63,7 +75,8 @@ class AttentionBlock(nn.Module):
             )
 
     def forward(self, x, context=None, context_mask=None):
-        x = self.self_attn(x)
+        if self.self_attn is not None:
+            x = self.self_attn(x)
         if self.cross_attn is not None and context is not None:
             x = self.cross_attn(x, context, context_mask)
         return x
@@ -92,6 +105,9 @@ class UNet(nn.Module):
             first block of each level also reads the encoder's output at that level (skip).
         attention_levels: indices of levels with self-(and cross-)attention; the middle always
             has it when ``mid_attention``.
+        cross_attention_levels: indices of further levels with cross-attention on the text
+            tokens only (no self-attention): where a caption's words meet the pixels of the
+            object they describe at a finer grid, for the cost of N·M instead of N² scores.
         heads: attention heads.
         context_dim: width of text tokens for cross-attention, or None.
         cond_dim: width of a pooled condition vector added to the timestep embedding, or None.
@@ -113,6 +129,7 @@ class UNet(nn.Module):
         channels: tuple[int, ...] | list[int] = (32, 64, 128),
         res_blocks: int | list[int] = 1,
         attention_levels: tuple[int, ...] | list[int] = (2,),
+        cross_attention_levels: tuple[int, ...] | list[int] = (),
         mid_attention: bool = True,
         heads: int = 4,
         context_dim: int | None = None,
@@ -128,6 +145,15 @@ class UNet(nn.Module):
     ):
         super().__init__()
         channels = check_levels("unet", channels, attention_levels, groups)
+        check_levels("unet", channels, cross_attention_levels, groups)
+        both = sorted(set(attention_levels) & set(cross_attention_levels))
+        if both:
+            raise ValueError(
+                f"unet level {both[0]} is in attention_levels (self- and cross-attention) and "
+                "in cross_attention_levels: list it once"
+            )
+        if cross_attention_levels and context_dim is None:
+            raise ValueError("unet cross_attention_levels need a context (context_dim)")
         blocks_per_level = (
             [res_blocks] * len(channels) if isinstance(res_blocks, int) else res_blocks
         )
@@ -145,9 +171,14 @@ class UNet(nn.Module):
 
         def block(c_in, c_out, level):
             attn = None
-            if level in attention_levels:
+            if level in attention_levels or level in cross_attention_levels:
                 attn = AttentionBlock(
-                    c_out, heads=heads, context_dim=context_dim, groups=groups, impl=attn_impl
+                    c_out,
+                    heads=heads,
+                    context_dim=context_dim,
+                    groups=groups,
+                    impl=attn_impl,
+                    self_attention=level in attention_levels,
                 )
             return Level(c_in, c_out, emb_dim=emb_dim, groups=groups, dropout=dropout, attn=attn)
 
