@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from genlab.utils.io import atomic_write_text
 from genlab.utils.rank_logging import RankedLogger
-from genlab.utils.task import TaskResult, extras, task_wrapper
+from genlab.utils.task import TaskResult, extras, null_group_overrides, task_wrapper
 from genlab.utils.validation import ConfigError, validate_config
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
@@ -335,4 +336,5 @@ def check_task(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = null_group_overrides(sys.argv, Path(__file__).resolve().parents[1] / "conf")
     main()

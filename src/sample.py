@@ -13,6 +13,7 @@ documented in ``conf/sample.yaml``.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -27,7 +28,7 @@ from genlab.utils.frozen_parts import build_missing_parts
 from genlab.utils.images import save_image_grid
 from genlab.utils.instantiate import instantiate
 from genlab.utils.rank_logging import RankedLogger
-from genlab.utils.task import TaskResult, extras, task_wrapper
+from genlab.utils.task import TaskResult, extras, null_group_overrides, task_wrapper
 from genlab.utils.validation import validate_config
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
@@ -250,4 +251,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = null_group_overrides(sys.argv, Path(__file__).resolve().parents[1] / "conf")
     main()

@@ -23,7 +23,14 @@ from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from genlab.utils.logging_utils import log_hyperparameters
 from genlab.utils.rank_logging import RankedLogger
-from genlab.utils.task import Preempted, TaskResult, extras, get_metric_value, task_wrapper
+from genlab.utils.task import (
+    Preempted,
+    TaskResult,
+    extras,
+    get_metric_value,
+    null_group_overrides,
+    task_wrapper,
+)
 from genlab.utils.validation import ConfigError, validate_config
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
@@ -168,4 +175,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = null_group_overrides(sys.argv, Path(__file__).resolve().parents[1] / "conf")
     main()

@@ -302,3 +302,34 @@ def test_label_model_metrics_every_epoch_with_inception(inception_weights: Path,
     assert set(val["metrics"]) == {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall"}
     header = (run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "val/fid" in header and "test/fid" in header
+
+
+def test_nothing_is_drawn_when_no_metric_can_read_the_images() -> None:
+    """Without an extractor, oracle or CLIP (e.g. COCO without Inception weights) the metrics
+    generate nothing: minutes of sampling for no number (issue 24, item 7)."""
+    from genlab.evaluation.measure import measure
+
+    drawn, notes = [], []
+
+    def source(items: range) -> torch.Tensor:
+        drawn.append(items)
+        return torch.zeros(len(items), 3, 8, 8)
+
+    values = measure(
+        source,
+        8,
+        wanted={"fid", "kid", "pr", "is", "caption", "clip"},
+        settings={"kid_subsets": 10, "kid_subset_size": 4, "pr_k": 3, "is_splits": 2},
+        tools={},
+        reference=None,
+        conditions={"prompts": ["a red circle"] * 8},
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        note=lambda key, message: notes.append(message),
+        what="generated images (w = 3)",
+    )
+    assert values == {"num_samples": 0, "paired": False}
+    assert drawn == []
+    assert notes == ["no metric can read the generated images (w = 3): none drawn"]

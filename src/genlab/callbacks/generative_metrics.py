@@ -206,8 +206,18 @@ class GenerativeMetrics(L.Callback):
                 start = time.monotonic()
                 source = functools.partial(self.generate, pl_module, conditions, scale=scale)
                 paired = "prompts" in conditions and self.reference_split == "val"
-                values = self.measure(trainer, tools, reference, conditions, source, paired=paired)
+                values = self.measure(
+                    trainer,
+                    tools,
+                    reference,
+                    conditions,
+                    source,
+                    paired=paired,
+                    what=f"generated images (w = {scale:g})" if scale is not None else None,
+                )
                 n, paired = values.pop("num_samples"), values.pop("paired")
+                if not n:  # no metric reads them: none were drawn
+                    continue
                 protocol = self.protocol(pl_module, tools, ref_info, scale, n)
                 protocol["paired"] = paired  # prompt i is reference item i's caption
                 protocol["seconds"] = round(time.monotonic() - start, 2)
@@ -234,7 +244,7 @@ class GenerativeMetrics(L.Callback):
                     protocol=base,
                 )
             )
-        return results
+        return [r for r in results if r["metrics"]]  # a set no metric could read is left out
 
     def measure(
         self,
@@ -248,6 +258,7 @@ class GenerativeMetrics(L.Callback):
         originals=None,
         skip=(),
         paired=False,
+        what=None,
     ) -> dict:
         """Draw this rank's chunks from ``source(items)``, update the synced metrics, compute
         (:func:`genlab.evaluation.measure.measure`); ``skip`` names metrics left out; ``paired``:
@@ -267,6 +278,7 @@ class GenerativeMetrics(L.Callback):
             note=self.note,
             originals=originals,
             paired=paired,
+            what=what or ("reconstructions" if originals is not None else "images"),
         )
 
     # ------------------------------------------------------------------------------------------

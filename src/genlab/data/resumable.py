@@ -98,6 +98,10 @@ class ResumableLoader(DataLoader):
 
     ``progress`` returns ``(epoch, batches trained on in that epoch)``, read from the trainer at
     save time; without it (no trainer) the state is that of the start of epoch 0.
+
+    Lightning may rebuild the loader with a sampler of its own (``trainer.overfit_batches``
+    swaps in a ``SequentialSampler``): the loader then reads the first items in order, unseeded,
+    and its state says it cannot resume (``resumable: false``).
     """
 
     def __init__(
@@ -114,13 +118,20 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         # Lightning creates the first iterator of a run before it sets the sampler's epoch:
         # take the trainer's epoch here, so a resumed run reads the epoch it resumes.
-        if self.progress is not None:
+        if self.progress is not None and self.resumable:
             self.sampler.set_epoch(self.progress()[0])
         return super().__iter__()
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the sampler is still the :class:`ResumableSampler` this loader was made with."""
+        return isinstance(self.sampler, ResumableSampler)
 
     def state_dict(self) -> dict[str, int]:
         """Where training is in the data: epoch, batches trained on, and the sharding."""
         epoch, batches = self.progress() if self.progress is not None else (0, 0)
+        if not self.resumable:
+            return {"epoch": epoch, "batches": batches, "resumable": False}
         return {
             "epoch": epoch,
             "batches": batches,
@@ -131,6 +142,14 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue the saved epoch after its trained batches; warn when that cannot be exact."""
+        if not self.resumable or not state.get("resumable", True):
+            log.warning(
+                "the training data cannot resume exactly where the checkpoint stopped (a sampler "
+                "replaced by Lightning, e.g. trainer.overfit_batches): epoch %d restarts from its "
+                "first batch",
+                state["epoch"],
+            )
+            return
         now = {
             "batch_size": self.batch_size,
             "world_size": self.sampler.num_replicas,

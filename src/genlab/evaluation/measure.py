@@ -10,6 +10,7 @@ Caption accuracy reads the wanted cells of a prompt with the oracle's own captio
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -26,7 +27,9 @@ from genlab.metrics.precision_recall import PrecisionRecall
 from genlab.metrics.reconstruction import ReconstructionMetrics
 from genlab.metrics.text_image import CaptionAccuracy, CLIPScore
 from genlab.utils.images import check_images
+from genlab.utils.rank_logging import RankedLogger
 
+log = RankedLogger(__name__, rank_zero_only=True)
 Note = Callable[[str, str], None]  # (key, message): say it once
 
 
@@ -125,6 +128,7 @@ def measure(
     note: Note,
     originals: Callable[[range], torch.Tensor] | None = None,
     paired: bool = False,
+    what: str = "images",
 ) -> dict[str, float]:
     """Draw this rank's chunks from ``source(items)``, update the synced metrics, compute.
 
@@ -132,15 +136,24 @@ def measure(
     against them are measured too. ``paired``: item i was made for reference item i (a prompt
     that is its caption, a reconstruction, a redraw of its scene); it holds only with as many
     reference items as images. Returns the named values, ``num_samples`` and ``paired`` (the
-    pairing in effect, for the protocol).
+    pairing in effect, for the protocol). When no metric can read the images (no feature
+    extractor, oracle or CLIP for what is asked), nothing is drawn: ``num_samples`` is 0 and
+    there are no values.
     """
     paired = paired and reference is not None and len(reference) == n
     metrics = new_metrics(wanted, settings, tools, reference, conditions, n, note, paired)
     if originals is not None:
         metrics["reconstruction"] = ReconstructionMetrics()
+    if not metrics:
+        note(f"unread-{what}", f"no metric can read the {what}: none drawn")
+        return {"num_samples": 0, "paired": False}
     metrics = metrics.to(device)
     count = SumMetric().to(device)
     check_every_rank_has_a_chunk(n, batch_size, world_size)
+    log.info(
+        f"{', '.join(metrics)} of {n} {what} ({world_size} process(es), chunks of {batch_size})"
+    )
+    start, done = time.monotonic(), 0
     for items in chunks_of(rank, world_size, n, batch_size):
         images = source(items)
         check_images(images, name="generated images" if originals is None else "reconstructions")
@@ -148,6 +161,10 @@ def measure(
         if originals is not None:
             metrics["reconstruction"].update(images.to(device), originals(items).to(device))
         count.update(torch.tensor(float(len(items)), device=device))
+        done += len(items)
+        if done == len(items) and done * world_size < n:  # after the first chunk: how long
+            left = (time.monotonic() - start) * (n / (done * world_size) - 1)
+            log.info(f"  {done} of {n // world_size} {what} on this rank; about {left:.0f} s left")
     total = int(count.compute().item())
     if total != n:
         raise RuntimeError(f"generated {total} images over all ranks, expected exactly {n}")

@@ -11,6 +11,7 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -92,18 +93,36 @@ def close_loggers(*, failed: bool = False, preempted: bool = False) -> None:
 
 
 def get_metric_value(metric_dict: Mapping[str, Any], metric_name: str | None) -> float | None:
-    """Return ``metric_dict[metric_name]`` as a float (for Optuna), or None when no name is set.
-
-    Raises:
-        KeyError: naming the metric and the ones that were logged.
-    """
+    """Return ``metric_dict[metric_name]`` as a float (for Optuna), or None when no name is set
+    or the run did not log it (a warning names it and the metrics that were logged: a short
+    step budget may end before the first validation; what was trained and written is kept)."""
     if not metric_name:
         return None
     if metric_name not in metric_dict:
-        raise KeyError(
-            f"optimized_metric={metric_name!r} was not logged by this run; logged metrics: "
-            f"{sorted(metric_dict)}. Set optimized_metric to one of them, or to null."
+        log.warning(
+            f"optimized_metric={metric_name!r} was not logged by this run (e.g. training ended "
+            f"before the first validation); logged metrics: {sorted(metric_dict)}. Nothing is "
+            "returned to a sweeper; set optimized_metric to one of them, or to null."
         )
+        return None
     value = float(metric_dict[metric_name])
     log.info(f"retrieved {metric_name}={value}")
     return value
+
+
+def null_group_overrides(argv: list[str], conf_dir: str | Path) -> list[str]:
+    """Command-line arguments with every ``GROUP=null`` turned into ``~GROUP``.
+
+    Hydra refuses ``logger=null`` ("Config group override must be a string or a list. Got
+    NoneType"); what a user means by it is "no config from this group", which Hydra spells
+    ``~logger``. Applies to the names of config groups (folders of ``conf_dir``) only; a plain
+    value such as ``ckpt_path=null`` is left alone.
+    """
+    conf_dir = Path(conf_dir)
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and value == "null" and key[:1] not in "+~" and (conf_dir / key).is_dir():
+            arg = f"~{key}"
+        out.append(arg)
+    return out
