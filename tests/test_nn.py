@@ -66,6 +66,35 @@ def test_unet_rejects_bad_config():
         UNet(channels=(16, 32), attention_levels=(3,))
 
 
+def test_unet_cross_attention_only_levels_read_the_text():
+    """cross_attention_levels: cross-attention on the tokens without self-attention; the
+    caption reaches the output through that level alone when it is the only attention."""
+    net = UNet(
+        context_dim=16,
+        channels=(16, 32),
+        attention_levels=(),
+        cross_attention_levels=(0,),
+        mid_attention=False,
+        heads=2,
+    )
+    block = net.down[0][0].attn
+    assert block.self_attn is None and block.cross_attn is not None
+    for p in net.parameters():  # leave the zero init: let every path carry signal
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 5])
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    ctx = torch.randn(1, 4, 16).expand(2, 4, 16)
+    a = net(x, t, context=ctx, context_mask=mask)
+    b = net(x, t, context=ctx + 1, context_mask=mask)
+    assert a.shape == x.shape and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="list it once"):
+        UNet(context_dim=16, channels=(16, 32), attention_levels=(1,), cross_attention_levels=(1,))
+    with pytest.raises(ValueError, match="need a context"):
+        UNet(channels=(16, 32), attention_levels=(), cross_attention_levels=(0,))
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNet(context_dim=16, channels=(16, 32), attention_levels=(), cross_attention_levels=(2,))
+
+
 def test_text_encoder_ignores_padding():
     enc = TransformerTextEncoder(vocab_size=20, context_length=6, width=16, layers=1, heads=2)
     ids = torch.tensor([[2, 5, 6, 3, 0, 0], [2, 5, 6, 3, 9, 9]])
