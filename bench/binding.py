@@ -15,7 +15,7 @@ reports exact, per-attribute rates (over the prompt's objects) and extra objects
 used unless given.
 
     python bench/binding.py CKPT [--n 512] [--guidance 3] [--steps 50] [--sampler heun]
-        [--thresholding dynamic] [--groups 2,compositional] [--batch 128] [--json out.json]
+        [--thresholding dynamic] [--raw] [--groups 2,compositional] [--batch 128] [--json out.json]
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument(
         "--groups", default="1,2,compositional", help="which of 1, 2, compositional to draw"
     )
+    parser.add_argument("--raw", action="store_true", help="the trained weights, not the EMA")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
@@ -98,6 +99,8 @@ def main() -> None:
     scan = {"val_size": 50 * args.n, "compositional_size": args.n}
     data = ShapesDataModule(**{**config, **scan})
     model, oracle = genlab.load(args.ckpt), genlab.load(WEIGHTS)
+    if args.raw:
+        model.ema = None  # sample with the trained weights
     wanted = args.groups.split(",")
     unknown = sorted(set(wanted) - set(GROUPS))
     if unknown:

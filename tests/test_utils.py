@@ -245,3 +245,22 @@ def test_save_image_grid_layout_and_values(tmp_path: Path) -> None:
     assert grid[:, 2, 10].tolist() == [0, 0, 0]  # the second is black (-1)
     with pytest.raises(ValueError, match="expected images shaped"):
         save_image_grid(torch.zeros(2, 4, 8, 8), tmp_path / "bad.png")
+
+
+def test_view_grid_upscales_by_an_integer_factor_and_writes_captions(tmp_path: Path) -> None:
+    """For people: 16 px images at cell=40 become 48 px (factor 3, nearest neighbour: every
+    pixel a sharp 3x3 block), each caption in a white strip under its row of images."""
+    images = torch.rand(5, 3, 16, 16) * 2 - 1
+    plain = save_image_grid(images, tmp_path / "big.png", nrow=3, cell=40)
+    assert plain.shape == (3, 2 * (48 + 2) + 2, 3 * (48 + 2) + 2)
+    native = save_image_grid(images, tmp_path / "native.png", nrow=3)
+    block = plain[:, 2:50, 2:50].reshape(3, 16, 3, 16, 3)  # image 0 as 16x16 blocks of 3x3
+    assert (block == native[:, 2:18, None, 2:18, None]).all()
+    captions = [f"a large red circle number {i}" for i in range(5)]
+    grid = save_image_grid(images, tmp_path / "cap.png", nrow=3, cell=40, captions=captions)
+    assert grid.shape[2] == plain.shape[2] and grid.shape[1] > plain.shape[1]
+    assert Image.open(tmp_path / "cap.png").size == (grid.shape[2], grid.shape[1])
+    strip = grid[:, 52:60, 2:50]  # under image 0: dark text on white
+    assert (strip == 255).float().mean() > 0.5 and (strip < 128).any()
+    with pytest.raises(ValueError, match="2 captions for 5 images"):
+        save_image_grid(images, tmp_path / "x.png", cell=40, captions=["a", "b"])

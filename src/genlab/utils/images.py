@@ -1,12 +1,16 @@
-"""Image checks and grids: validate image batches in [-1, 1]; tile them into one PNG."""
+"""Image checks and grids: validate image batches in [-1, 1]; tile them into one PNG, upscaled
+for people to look at and with each image's prompt under it."""
 
 from __future__ import annotations
 
 import math
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 RANGE_TOLERANCE = 1e-3  # bf16 rounding of values at ±1
@@ -76,14 +80,72 @@ def grid_to_pil(grid: torch.Tensor) -> Image.Image:
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
 
 
+def upscale_factor(side: int, cell: int | None) -> int:
+    """The integer factor that brings an image side of ``side`` pixels to at least ``cell``
+    (1 when ``cell`` is None or the image is already that large)."""
+    return 1 if cell is None else max(1, math.ceil(cell / side))
+
+
+def view_grid(
+    images: torch.Tensor,
+    *,
+    nrow: int | None = None,
+    cell: int | None = 96,
+    captions: Sequence[str] | None = None,
+    padding: int = 2,
+) -> torch.Tensor:
+    """A grid for people: each image upscaled by nearest neighbour (an integer factor, so
+    pixels stay square and sharp) to at least ``cell`` pixels a side, and, with ``captions``
+    (one per image, row-major), each caption written under its image, wrapped to its width.
+    ``cell=None`` gives :func:`image_grid`'s native grid (no captions). Returns uint8
+    ``(3, H', W')``.
+    """
+    if cell is None:
+        return image_grid(images, nrow=nrow, padding=padding)
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions for {len(images)} images")
+    factor = upscale_factor(images.shape[-1], cell)
+    big = torch.nn.functional.interpolate(images.detach().float().cpu(), scale_factor=factor)
+    grid = image_grid(big, nrow=nrow, padding=padding)
+    if not captions:
+        return grid
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    side_h, side_w = big.shape[-2:]
+    font = ImageFont.load_default(size=11)
+    chars = max(8, side_w // 6)  # about 6 px per character at size 11
+    wrapped = [textwrap.fill(c, chars) for c in captions]
+    text_h = 13 * max(w.count("\n") + 1 for w in wrapped) + 4
+    rows = math.ceil(len(images) / nrow)
+    picture = Image.new("RGB", (grid.shape[2], grid.shape[1] + rows * text_h), "white")
+    source = grid_to_pil(grid)
+    draw = ImageDraw.Draw(picture)
+    for r in range(rows):  # a strip of captions under every row of images
+        y_grid = r * (side_h + padding)
+        band = source.crop((0, y_grid, grid.shape[2], y_grid + side_h + 2 * padding))
+        y = r * (side_h + padding + text_h)
+        picture.paste(band, (0, y))
+        for k in range(r * nrow, min((r + 1) * nrow, len(images))):
+            x = padding + (k % nrow) * (side_w + padding)
+            draw.multiline_text(
+                (x, y + side_h + 2 * padding), wrapped[k], fill="black", font=font, spacing=2
+            )
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+
+
 def save_image_grid(
-    images: torch.Tensor, path: str | Path, *, nrow: int | None = None
+    images: torch.Tensor,
+    path: str | Path,
+    *,
+    nrow: int | None = None,
+    cell: int | None = None,
+    captions: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Save images ``(N, C, H, W)`` in [-1, 1] as one PNG grid at ``path``; return the grid.
 
-    The parent folder is created if needed. See :func:`image_grid` for the layout.
+    The parent folder is created if needed. ``cell=None``: the native grid of
+    :func:`image_grid`; else :func:`view_grid`, upscaled and captioned.
     """
-    grid = image_grid(images, nrow=nrow)
+    grid = view_grid(images, nrow=nrow, cell=cell, captions=captions)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid_to_pil(grid).save(path)
