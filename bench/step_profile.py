@@ -99,6 +99,7 @@ def main() -> None:
         callbacks=[timer],
     )
     trainer.fit(model, datamodule=data)
+    print(f"threads after fit: {torch.get_num_threads()}")
     lightning = statistics.median(timer.inside[5:])
     wall = statistics.median(timer.between[4:])
 
