@@ -379,6 +379,7 @@ def sample_command(model: Model, args: argparse.Namespace, run_dir: Path) -> lis
         *python("sample.py"),
         *target(model, args, with_data=False),
         *inputs,
+        "cell=null",  # the native grid: write_samples_picture crops it
         f"seed={args.seed}",
         f"out={value(run_dir / 'samples.png')}",
         f"hydra.run.dir={value(run_dir)}",

@@ -70,6 +70,7 @@ TOP_LEVEL = {
     "interpolate": list[str] | None,
     "device": str,
     "out": str,
+    "cell": int | None,
 }
 
 
@@ -79,6 +80,8 @@ def sample(cfg: DictConfig) -> TaskResult:
     prompts = read_prompts(cfg.get("prompt"), cfg.get("prompts_file"))
     if cfg.n < 1:
         raise ValueError(f"n={cfg.n}: need at least one image (per prompt)")
+    if cfg.get("cell") is not None and cfg.cell < 1:
+        raise ValueError(f"cell={cfg.cell}: pixels a side >= 1, or null for the native grid")
     device = (
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
@@ -118,11 +121,14 @@ def sample(cfg: DictConfig) -> TaskResult:
             images, nrow = torch.cat(rows), cfg.n + 1
         else:  # the two images at the ends of the interpolation
             images, nrow = torch.cat([sources[:1], drawn, sources[1:]]), cfg.n + 2
-        save_image_grid(images, out, nrow=nrow)
+        save_image_grid(images, out, nrow=nrow, cell=cfg.cell)
     else:
         log.info(f"drawing {cfg.n} image(s) per prompt for {len(prompts or [None])} prompt(s)")
         images = model.generate(prompts, n=cfg.n, generator=generator, **options)
-        save_image_grid(images, out, nrow=cfg.n if prompts else None)
+        captions = None if not prompts else [p for p in prompts for _ in range(cfg.n)]
+        save_image_grid(
+            images, out, nrow=cfg.n if prompts else None, cell=cfg.cell, captions=captions
+        )
     if prompts:
         out.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
     weights = "EMA" if model.uses_ema else "raw"

@@ -67,8 +67,9 @@ TINY_TRAINER = [  # a few steps, every one logged, no rich progress bar or model
     "callbacks.rich_progress_bar=null",
     "callbacks.model_summary=null",
 ]
-TINY_EVAL = [  # a 4-image sample grid; metrics of 8 images in batches of 4, on the tiny oracle
+TINY_EVAL = [  # a native 4-image sample grid; metrics of 8 images in batches of 4, tiny oracle
     "callbacks.sample_grid.num_samples=4",
+    "callbacks.sample_grid.cell=null",
     "callbacks.generative_metrics.num_samples=8",
     "callbacks.generative_metrics.batch_size=4",
     *ORACLE_OVERRIDES,

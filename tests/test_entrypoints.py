@@ -78,6 +78,7 @@ def test_sample_from_checkpoint(trained_run: Path, tmp_path: Path) -> None:
         "prompt=a red circle at the top left",
         "n=3",
         "steps=2",
+        "cell=null",
         f"out={out}",
         f"hydra.run.dir={tmp_path / 'run'}",
         tmp_path=tmp_path,
@@ -98,6 +99,7 @@ def test_sample_prompts_file_one_row_per_prompt(trained_run: Path, tmp_path: Pat
         "n=2",
         "steps=2",
         "sampler=ddpm",
+        "cell=null",
         f"hydra.run.dir={tmp_path / 'run'}",
         tmp_path=tmp_path,
     )
@@ -191,6 +193,7 @@ def test_sample_inpaints_with_any_sampler_config(trained_run: Path, tmp_path: Pa
         "sampler=heun",
         "steps=3",
         "thresholding=dynamic",
+        "cell=null",
         f"inpaint_image={tmp_path / 'known.png'}",
         f"inpaint_mask={tmp_path / 'mask.png'}",
         f"hydra.run.dir={tmp_path / 'run'}",

@@ -56,6 +56,9 @@ class SampleGrid(L.Callback):
         guidance_scale: classifier-free guidance scale; None: the model's own.
         nrow: images per row of the grid; default a near-square grid (of the originals, for
             the reconstruction grid).
+        cell: pixels a side of every image in the saved and logged grids, reached by an integer
+            nearest-neighbour upscale, with each image's prompt (or class name) written under
+            it; None: the native grid (exact pixels, no captions).
     """
 
     def __init__(
@@ -69,7 +72,10 @@ class SampleGrid(L.Callback):
         sampler: Sampler | None = None,
         guidance_scale: float | None = None,
         nrow: int | None = None,
+        cell: int | None = None,
     ) -> None:
+        if cell is not None and cell < 1:
+            raise ValueError(f"callbacks.sample_grid.cell={cell}: pixels >= 1, or null (native)")
         if num_samples < 1 or every_n_epochs < 0:
             raise ValueError(
                 f"callbacks.sample_grid: num_samples={num_samples} must be >= 1 and "
@@ -77,7 +83,7 @@ class SampleGrid(L.Callback):
             )
         self.output_dir = output_dir
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
-        self.prompts, self.seed, self.nrow = prompts, seed, nrow
+        self.prompts, self.seed, self.nrow, self.cell = prompts, seed, nrow, cell
         self.sampling = {"sampler": sampler, "guidance_scale": guidance_scale}
         self.warned_no_generate = False
         self.last_grid: tuple[int, torch.Tensor] | None = None
@@ -116,7 +122,13 @@ class SampleGrid(L.Callback):
             grid_to_pil(grid).save(samples_dir / f"{name}.png")
         else:
             images = self.generate(trainer, pl_module, self.grid_inputs(trainer, pl_module))
-            grid = save_image_grid(images, samples_dir / f"{name}.png", nrow=self.nrow)
+            grid = save_image_grid(
+                images,
+                samples_dir / f"{name}.png",
+                nrow=self.nrow,
+                cell=self.cell,
+                captions=self.grid_text,
+            )
             self.last_grid = (step, grid)
         weights = weights_of(pl_module).replace("raw", "raw (no EMA)")
         caption = f"step {step}, {weights} weights, {self.describe(pl_module)}, seed {self.seed}"
@@ -193,7 +205,9 @@ class SampleGrid(L.Callback):
             images = interleave_rows(
                 originals, self.reconstruct(trainer, pl_module, originals), columns
             )
-            grid = save_image_grid(images, samples_dir / f"{name}.png", nrow=columns)
+            grid = save_image_grid(
+                images, samples_dir / f"{name}.png", nrow=columns, cell=self.cell
+            )
             self.last_recon_grid = (step, grid)
         weights = weights_of(pl_module).replace("raw", "raw (no EMA)")
         caption = (
