@@ -36,7 +36,13 @@ from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from genlab.utils.io import atomic_write_text
 from genlab.utils.rank_logging import RankedLogger
-from genlab.utils.task import TaskResult, extras, null_group_overrides, task_wrapper
+from genlab.utils.task import (
+    Preempted,
+    TaskResult,
+    extras,
+    null_group_overrides,
+    task_wrapper,
+)
 from genlab.utils.validation import ConfigError, validate_config
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
@@ -321,7 +327,10 @@ def main(cfg: DictConfig) -> None:
     validate_config(cfg, TOP_LEVEL)
     check_task(cfg)
     extras(cfg)
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except Preempted as stop:
+        sys.exit(128 + stop.signum)  # what the signal would have given; the message is logged
 
 
 def check_task(cfg: DictConfig) -> None:

@@ -28,7 +28,13 @@ from genlab.utils.frozen_parts import build_missing_parts
 from genlab.utils.images import save_image_grid
 from genlab.utils.instantiate import instantiate
 from genlab.utils.rank_logging import RankedLogger
-from genlab.utils.task import TaskResult, extras, null_group_overrides, task_wrapper
+from genlab.utils.task import (
+    Preempted,
+    TaskResult,
+    extras,
+    null_group_overrides,
+    task_wrapper,
+)
 from genlab.utils.validation import validate_config
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
@@ -253,7 +259,10 @@ def main(cfg: DictConfig) -> None:
     """Validate the composed config, then sample."""
     validate_config(cfg, TOP_LEVEL)
     extras(cfg)
-    sample(cfg)
+    try:
+        sample(cfg)
+    except Preempted as stop:
+        sys.exit(128 + stop.signum)  # what the signal would have given; the message is logged
 
 
 if __name__ == "__main__":

@@ -251,3 +251,67 @@ def test_ckpt_path_last_without_a_checkpoint_names_the_path(tmp_path: Path) -> N
     assert f"ckpt_path=last: no checkpoint at {run_dir / 'checkpoints' / 'last.ckpt'}" in (
         result.stdout + result.stderr
     )
+
+
+def wait_for_text(folder: Path, text: str, proc: subprocess.Popen, seconds: float = 240) -> None:
+    """Wait until a ``*.log`` file of ``folder`` (the entry point's log) contains ``text``."""
+    deadline = time.monotonic() + seconds
+    while not any(text in p.read_text(errors="replace") for p in folder.glob("*.log")):
+        assert proc.poll() is None, f"the run ended early:\n{proc.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} in {folder}/*.log after {seconds} s"
+        time.sleep(0.1)
+
+
+def test_sigterm_ends_the_final_test_and_eval_promptly(tmp_path: Path) -> None:
+    """After training (the final test's metric generation) and in eval.py, SIGTERM ends the
+    process within seconds with exit 143, no metrics file, and the checkpoints intact."""
+    slow_metrics = [  # thousands of 200-step samples: minutes, unless the signal stops them
+        "callbacks.generative_metrics.num_samples=4000",
+        "callbacks.generative_metrics.batch_size=4",
+        "callbacks.generative_metrics.steps=200",
+    ]
+    run_dir = tmp_path / "run"
+    proc = start([*TINY, *slow_metrics, f"hydra.run.dir={run_dir}"], tmp_path)
+    try:
+        wait_for_text(run_dir, "of 4000 generated images on this rank", proc)
+        started = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        seconds = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "SIGTERM received: stopped at once" in out and seconds < 30
+    assert not list((run_dir / "metrics").glob("test*.json"))  # no partial metrics
+    assert finite_weights(run_dir / "checkpoints" / "last.ckpt")
+
+    eval_dir = tmp_path / "eval"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "src" / "eval.py"),
+            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+            "eval.num_samples=4000",
+            "eval.steps=200",
+            "callbacks.generative_metrics.batch_size=4",
+            *[o for o in TINY if o.startswith("callbacks.generative_metrics.oracle")],
+            f"hydra.run.dir={eval_dir}",
+        ],
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1", **os.environ},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for_text(eval_dir, "of 4000 generated images on this rank", proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "SIGTERM received: stopped at once" in out
+    assert not (eval_dir / "metrics.json").exists()

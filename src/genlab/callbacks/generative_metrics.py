@@ -213,7 +213,7 @@ class GenerativeMetrics(L.Callback):
                     conditions,
                     source,
                     paired=paired,
-                    what=f"generated images (w = {scale:g})" if scale is not None else None,
+                    what="generated images" + ("" if scale is None else f" (w = {scale:g})"),
                 )
                 n, paired = values.pop("num_samples"), values.pop("paired")
                 if not n:  # no metric reads them: none were drawn

@@ -88,7 +88,7 @@ class Preemption(L.Callback):
         if self.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
             message += " " + requeue_slurm_job()
         log.warning(message)
-        raise Preempted(message, signum)
+        raise Preempted(message, signum, logged=True)
 
 
 def checkpoint_dir(trainer: L.Trainer) -> Path:

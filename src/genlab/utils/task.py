@@ -8,7 +8,9 @@ would otherwise attach the next job to the failed job's run.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,9 +30,9 @@ class Preempted(Exception):
     """The run stopped on a signal after saving its checkpoint (``callbacks/preemption.py``);
     ``train.py`` exits with status 128 + ``signum``."""
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(self, message: str, signum: int, *, logged: bool = False) -> None:
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.logged = signum, logged
 
 
 def extras(cfg: DictConfig) -> None:
@@ -52,26 +54,49 @@ def extras(cfg: DictConfig) -> None:
         print_config_tree(cfg, resolve=True, save_to_file=True)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def stop_now(signum: int, frame: Any) -> None:
+    """A signal handler that ends the task at once: raises :class:`Preempted`."""
+    name = signal.Signals(signum).name
+    raise Preempted(
+        f"{name} received: stopped at once. Files already written are kept; what was being "
+        "computed (samples, metrics, a test pass) is not written.",
+        signum,
+    )
+
+
 def task_wrapper(task: Callable[[DictConfig], TaskResult]) -> Callable[[DictConfig], TaskResult]:
     """Wrap an entry point's task so a failure is logged, loggers are closed, and it re-raises.
 
-    The output folder is logged in every case, so a user knows where to look.
+    SIGTERM and SIGINT end the task promptly in every phase (:func:`stop_now`: the entry point
+    exits with 128 + the signal number), except while fitting, where the preemption callback
+    takes SIGTERM over to save a checkpoint at the next step first. The output folder is logged
+    in every case, so a user knows where to look.
     """
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> TaskResult:
         failed, preempted = True, False
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, stop_now) for s in STOP_SIGNALS}
         try:
             result = task(cfg)
             failed = False
             return result
-        except Preempted:
+        except Preempted as stop:
             preempted = True  # a clean stop: its message is logged, no traceback
+            if not stop.logged:
+                log.warning(str(stop))
             raise
         except Exception:
             log.exception("task failed")
             raise
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             close_loggers(failed=failed, preempted=preempted)
             log.info(f"output dir: {cfg.paths.output_dir}")
 
