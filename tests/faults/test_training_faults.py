@@ -262,9 +262,10 @@ def wait_for_text(folder: Path, text: str, proc: subprocess.Popen, seconds: floa
         time.sleep(0.1)
 
 
-def test_sigterm_ends_the_final_test_and_eval_promptly(tmp_path: Path) -> None:
-    """After training (the final test's metric generation) and in eval.py, SIGTERM ends the
-    process within seconds with exit 143, no metrics file, and the checkpoints intact."""
+def test_sigterm_ends_the_final_test_eval_and_sample_promptly(tmp_path: Path) -> None:
+    """After training (the final test's metric generation), in eval.py and in sample.py,
+    SIGTERM ends the process within seconds with exit 143, writes no metrics or grid, and
+    leaves the checkpoints intact."""
     slow_metrics = [  # thousands of 200-step samples: minutes, unless the signal stops them
         "callbacks.generative_metrics.num_samples=4000",
         "callbacks.generative_metrics.batch_size=4",
@@ -315,3 +316,33 @@ def test_sigterm_ends_the_final_test_and_eval_promptly(tmp_path: Path) -> None:
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "SIGTERM received: stopped at once" in out
     assert not (eval_dir / "metrics.json").exists()
+    # sample.py: the same, and no half-written grid
+    sample_dir = tmp_path / "sample"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "src" / "sample.py"),
+            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+            "prompt=a red circle",
+            "n=2000",
+            "steps=500",
+            f"hydra.run.dir={sample_dir}",
+        ],
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1", **os.environ},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for_text(sample_dir, "drawing 2000 image(s) per prompt", proc)
+        time.sleep(1)  # inside generate
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "SIGTERM received: stopped at once" in out
+    assert not (sample_dir / "samples.png").exists()
