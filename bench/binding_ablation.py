@@ -153,21 +153,14 @@ def main() -> None:
         parser.error("give at least one --variant NAME=OVERRIDES")
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {n: pool.submit(variant, n, o, args) for n, o in variants.items()}
-    results = []
     for name, future in futures.items():
         try:
-            results.append(future.result())
+            future.result()
         except RuntimeError as error:
             print(f"{name}: {error}", file=sys.stderr)
-    previous = args.out / "results.jsonl"
-    known = {}
-    if previous.exists():
-        for line in previous.read_text().splitlines():
-            r = json.loads(line)
-            known[r["variant"]] = r
-    known |= {r["variant"]: r for r in results}
-    previous.write_text("".join(json.dumps(r) + "\n" for r in known.values()))
-    text = table(list(known.values()), args)
+    # every variant scored in this folder, this invocation's or an earlier (interrupted) one's
+    known = [json.loads(f.read_text()) for f in sorted(args.out.glob("*/binding.json"))]
+    text = table(known, args)
     (args.out / "ablation.md").write_text(text + "\n")
     print(text)
 
