@@ -73,6 +73,11 @@ def train(cfg: DictConfig) -> TaskResult:
     loggers = instantiate_loggers(
         cfg.get("logger"), output_dir=cfg.paths.output_dir, ckpt_path=ckpt_path
     )
+    if not loggers:  # a learning-rate monitor has nowhere to write (Lightning refuses it)
+        monitors = [c for c in callbacks if isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+        if monitors:
+            log.info("no logger (logger=null): the learning-rate monitor is left out")
+            callbacks = [c for c in callbacks if c not in monitors]
     log.info(f"instantiating trainer <{cfg.trainer._target_}>")
     trainer = hydra.utils.instantiate(
         cfg.trainer,

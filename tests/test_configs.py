@@ -116,8 +116,10 @@ def test_hparams_search_params_are_config_keys(search: str, tmp_path: Path) -> N
     missing = "<missing>"
     for key in params:
         assert OmegaConf.select(cfg, key, default=missing) != missing, f"{key} is not in the config"
-    assert cfg.hydra.sweeper.direction == "minimize"
-    assert cfg.optimized_metric == "val/loss"
+    # prompt fidelity from the metrics callback after every validation, maximized
+    assert cfg.hydra.sweeper.direction == "maximize"
+    assert cfg.optimized_metric == "val/caption_exact"
+    assert cfg.callbacks.generative_metrics.every_n_epochs == 1
 
 
 NOT_GENERATIVE = {
