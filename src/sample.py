@@ -70,6 +70,7 @@ TOP_LEVEL = {
     "labels": list[int] | None,
     "classifier_ckpt": str | None,
     "classifier_scale": float,
+    "negative_prompt": str | list[str] | None,
     "inpaint_image": str | None,
     "inpaint_mask": str | None,
     "variations_of": str | list[str] | None,
@@ -98,6 +99,9 @@ def sample(cfg: DictConfig) -> TaskResult:
         options["sampler"] = instantiate(cfg.sampler)
     if cfg.get("labels") is not None:
         options["labels"] = list(cfg.labels)
+    if cfg.get("negative_prompt") is not None:
+        negative = cfg.negative_prompt
+        options["negative_prompt"] = negative if isinstance(negative, str) else list(negative)
     if cfg.get("classifier_ckpt") is not None:
         options["classifier"] = load(cfg.classifier_ckpt, map_location=device)
         options["classifier_scale"] = cfg.classifier_scale
@@ -144,6 +148,7 @@ def sample(cfg: DictConfig) -> TaskResult:
 
 
 INPUTS = {  # generate() inputs other than sampling options, and the capability each needs
+    "negative_prompt": "negative_prompt",
     "known": "inpaint",
     "mask": "inpaint",
     "classifier": "classifier_guidance",

@@ -108,6 +108,31 @@ def test_generate_contract(fitted):
         model.generate(prompts, sampler="rk4")
 
 
+def test_negative_prompt_replaces_the_null_caption_of_guidance(fitted):
+    """The empty negative prompt is the null caption itself: bitwise the plain draw; another one
+    changes the draw; one per prompt is expanded over the n images of each prompt."""
+    model = fitted[0]
+    prompts = ["a large red circle at the top left", "a small blue square in the center"]
+    g = functools.partial(torch.Generator().manual_seed, 3)
+    plain = model.generate(prompts, n=2, generator=g())
+    assert torch.equal(model.generate(prompts, n=2, generator=g(), negative_prompt=""), plain)
+    away = model.generate(prompts, n=2, generator=g(), negative_prompt="a large red circle")
+    assert (away - plain).abs().max() > 1e-3
+    per_prompt = model.generate(
+        prompts, n=2, generator=g(), negative_prompt=["a large red circle", ""]
+    )
+    torch.testing.assert_close(per_prompt[:2], away[:2])  # prompt 0: the red circle avoided
+    torch.testing.assert_close(per_prompt[2:], plain[2:])  # prompt 1: the null caption
+    with pytest.raises(ValueError, match="2 negative prompts for 1 prompts"):
+        model.generate(prompts[:1], negative_prompt=["a", "b"])
+    with pytest.raises(ValueError, match="needs classifier-free guidance: guidance_scale=1.0"):
+        model.generate(prompts, guidance_scale=1.0, negative_prompt="a red circle")
+    label = tiny_model(condition="label", num_classes=3, text_encoder=None)
+    assert "negative_prompt" not in label.capabilities
+    with pytest.raises(ValueError, match="no caption for it to replace"):
+        label.generate(labels=[0], negative_prompt="a red circle")
+
+
 def test_checkpoint_rebuilds_the_model_without_configs(fitted, tmp_path):
     model, _, trainer_ = fitted
     path = tmp_path / "model.ckpt"

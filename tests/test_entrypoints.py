@@ -79,6 +79,7 @@ def test_sample_from_checkpoint(trained_run: Path, tmp_path: Path) -> None:
         "n=3",
         "steps=2",
         "cell=null",
+        "negative_prompt=a blue square",  # guidance away from it instead of the empty caption
         f"out={out}",
         f"hydra.run.dir={tmp_path / 'run'}",
         tmp_path=tmp_path,

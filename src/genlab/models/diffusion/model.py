@@ -59,6 +59,7 @@ from genlab.models.diffusion.sampling import (
     generation_conditions,
     initial_noise,
     interpolation_embeddings,
+    negative_captions,
 )
 from genlab.models.diffusion.spaces import PixelSpace
 from genlab.nn.ema import EMA
@@ -196,6 +197,8 @@ class DiffusionModel(L.LightningModule):
                 found.add("classifier_guidance")
         if embed is not None:
             found.add("variations")
+        if self.condition == "text" and embed is None:
+            found.add("negative_prompt")
         return frozenset(found)
 
     @property
@@ -443,6 +446,7 @@ class DiffusionModel(L.LightningModule):
         known: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         x_T: torch.Tensor | None = None,
+        negative_prompt: str | list[str] | None = None,
     ) -> torch.Tensor:
         """Draw images in [-1, 1], shaped (N, C, H, W), with the EMA weights when there are any.
 
@@ -457,6 +461,9 @@ class DiffusionModel(L.LightningModule):
         with ``classifier_scale`` (Dhariwal & Nichol 2021); an unconditional model then draws
         one image per label. ``known`` (N or 1, C, H, W) with ``mask`` (1 = keep) inpaints.
         ``x_T`` (N or 1, *sample_shape) replaces the starting noise drawn from ``generator``.
+        ``negative_prompt`` (one for all, or one per prompt) replaces the empty caption of
+        classifier-free guidance, so guidance steers away from it (Stable Diffusion's negative
+        prompts); it needs a guidance scale other than 1.
         """
         options = self.sampling_options(
             sampler=sampler,
@@ -470,6 +477,9 @@ class DiffusionModel(L.LightningModule):
         conditions, rows = generation_conditions(
             self, request | {"image_embeds": image_embeds, "classifier": classifier}, generator
         )
+        negatives = None
+        if negative_prompt is not None:
+            negatives = negative_captions(self, negative_prompt, prompts, n, options.guidance_scale)
         targets = torch.as_tensor(labels).long() if classifier is not None else None
         shape = (rows, *self.sample_shape)
         if known is not None:
@@ -487,6 +497,7 @@ class DiffusionModel(L.LightningModule):
                 take(conditions, part),
                 guidance_scale=options.guidance_scale,
                 thresholding=options.thresholding,
+                negative=None if negatives is None else negatives[part],
             )
             if classifier is not None:
                 guide = classifier.log_prob_grad(targets[part].to(self.device))
@@ -499,10 +510,16 @@ class DiffusionModel(L.LightningModule):
         return torch.cat(chunks).clamp(-1, 1)
 
     def sampling_denoiser(
-        self, conditions: Conditions, *, guidance_scale: float, thresholding: Thresholding
+        self,
+        conditions: Conditions,
+        *,
+        guidance_scale: float,
+        thresholding: Thresholding,
+        negative: list[str] | None = None,
     ) -> Denoiser:
         """The (EMA) network as a ``Denoiser`` for ``conditions``, with classifier-free guidance
-        against their null when the scale is not 1, then thresholding."""
+        against their null (or the ``negative`` captions, one per row) when the scale is not 1,
+        then thresholding."""
         weights = self.eval_weights()
 
         def denoiser_for(inputs: dict[str, Any]) -> Denoiser:
@@ -517,7 +534,10 @@ class DiffusionModel(L.LightningModule):
 
         cond = self.network_inputs(weights, conditions)
         if self.guided(guidance_scale):
-            null = self.network_inputs(weights, self.null_conditions(conditions))
+            null_conditions = self.null_conditions(conditions)
+            if negative is not None:
+                null_conditions["caption"] = list(negative)
+            null = self.network_inputs(weights, null_conditions)
             denoiser = classifier_free_guidance(denoiser_for, cond, null, guidance_scale)
         else:
             denoiser = denoiser_for(cond)

@@ -164,3 +164,31 @@ def check_classifier(model: Any, classifier: Any, labels: Any) -> None:
             f"labels must be in [0, {classifier.num_classes}) for the classifier; "
             f"got {wanted.tolist()}"
         )
+
+
+def negative_captions(
+    model: Any, negative: str | list[str], prompts: Any, n: int | None, guidance_scale: float
+) -> list[str]:
+    """One negative caption per image to draw (prompt-major, ``n`` per prompt, as the prompts'
+    rows), or a ValueError naming what does not fit."""
+    if "negative_prompt" not in model.capabilities:
+        raise ValueError(
+            f"negative_prompt: model={model.config_name} has no caption for it to replace "
+            "(text-conditional diffusion models only)"
+        )
+    if not model.guided(guidance_scale):
+        raise ValueError(
+            f"negative_prompt needs classifier-free guidance: guidance_scale={guidance_scale} "
+            "draws from the conditional model alone and would ignore it"
+        )
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    per_row = n or 1
+    if isinstance(negative, str):
+        return [negative] * (len(prompts) * per_row)
+    negative = list(negative)
+    if len(negative) != len(prompts):
+        raise ValueError(
+            f"negative_prompt: {len(negative)} negative prompts for {len(prompts)} prompts; give "
+            "one for all or one per prompt"
+        )
+    return [neg for neg in negative for _ in range(per_row)]
