@@ -32,30 +32,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from ldm_latent_cache import BatchTimer  # bench/: the step and wall time of every batch
 from omegaconf import OmegaConf
 
 from genlab.utils.instantiate import instantiate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-class FitTimer(L.Callback):
-    """Seconds of every training batch inside Lightning, and the wall-clock between batches."""
-
-    def __init__(self) -> None:
-        self.inside: list[float] = []
-        self.between: list[float] = []
-        self.last_end: float | None = None
-
-    def on_train_batch_start(self, *args) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, *args) -> None:
-        now = time.perf_counter()
-        self.inside.append(now - self.start)
-        if self.last_end is not None:
-            self.between.append(now - self.last_end)
-        self.last_end = now
 
 
 def median_seconds(fn: Callable[[], None], steps: int, warmup: int = 3) -> float:
@@ -84,7 +66,7 @@ def main() -> None:
     model = instantiate(OmegaConf.to_container(cfg.model, resolve=True))
     data = instantiate(OmegaConf.to_container(cfg.data, resolve=True))
     fit_steps = args.steps + 5
-    timer = FitTimer()
+    timer = BatchTimer()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -99,9 +81,8 @@ def main() -> None:
         callbacks=[timer],
     )
     trainer.fit(model, datamodule=data)
-    print(f"threads after fit: {torch.get_num_threads()}")
-    lightning = statistics.median(timer.inside[5:])
-    wall = statistics.median(timer.between[4:])
+    lightning = statistics.median(timer.step[5:])
+    wall = statistics.median(timer.wall[4:])
 
     bf16 = cfg.trainer.precision == "bf16-mixed"
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731

@@ -121,9 +121,11 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def start(overrides: list[str], tmp_path: Path, **env: str) -> subprocess.Popen:
+def start(
+    overrides: list[str], tmp_path: Path, script: str = "train.py", **env: str
+) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "src" / "train.py"), *overrides],
+        [sys.executable, str(ROOT / "src" / script), *overrides],
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1", **os.environ, **env},
         stdout=subprocess.PIPE,
@@ -262,6 +264,20 @@ def wait_for_text(folder: Path, text: str, proc: subprocess.Popen, seconds: floa
         time.sleep(0.1)
 
 
+def sigterm_once_logged(proc: subprocess.Popen, folder: Path, text: str) -> tuple[str, float]:
+    """SIGTERM ``proc`` once its log in ``folder`` says ``text``; its output and the seconds it
+    took to end."""
+    try:
+        wait_for_text(folder, text, proc)
+        started = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        return out, time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_sigterm_ends_the_final_test_eval_and_sample_promptly(tmp_path: Path) -> None:
     """After training (the final test's metric generation), in eval.py and in sample.py,
     SIGTERM ends the process within seconds with exit 143, writes no metrics or grid, and
@@ -271,78 +287,29 @@ def test_sigterm_ends_the_final_test_eval_and_sample_promptly(tmp_path: Path) ->
         "callbacks.generative_metrics.batch_size=4",
         "callbacks.generative_metrics.steps=200",
     ]
+    generating = "of 4000 generated images on this rank"  # the first chunk is drawn
     run_dir = tmp_path / "run"
     proc = start([*TINY, *slow_metrics, f"hydra.run.dir={run_dir}"], tmp_path)
-    try:
-        wait_for_text(run_dir, "of 4000 generated images on this rank", proc)
-        started = time.monotonic()
-        os.kill(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-        seconds = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    out, seconds = sigterm_once_logged(proc, run_dir, generating)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "SIGTERM received: stopped at once" in out and seconds < 30
     assert not list((run_dir / "metrics").glob("test*.json"))  # no partial metrics
     assert finite_weights(run_dir / "checkpoints" / "last.ckpt")
 
+    ckpt = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
     eval_dir = tmp_path / "eval"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "src" / "eval.py"),
-            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-            "eval.num_samples=4000",
-            "eval.steps=200",
-            "callbacks.generative_metrics.batch_size=4",
-            *[o for o in TINY if o.startswith("callbacks.generative_metrics.oracle")],
-            f"hydra.run.dir={eval_dir}",
-        ],
-        cwd=tmp_path,
-        env={"OMP_NUM_THREADS": "1", **os.environ},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        wait_for_text(eval_dir, "of 4000 generated images on this rank", proc)
-        os.kill(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    oracle = [o for o in TINY if o.startswith("callbacks.generative_metrics.oracle")]
+    overrides = ["eval.num_samples=4000", "eval.steps=200", *slow_metrics[1:2], *oracle]
+    proc = start([ckpt, *overrides, f"hydra.run.dir={eval_dir}"], tmp_path, "eval.py")
+    out, seconds = sigterm_once_logged(proc, eval_dir, generating)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert "SIGTERM received: stopped at once" in out
+    assert "SIGTERM received: stopped at once" in out and seconds < 30
     assert not (eval_dir / "metrics.json").exists()
-    # sample.py: the same, and no half-written grid
-    sample_dir = tmp_path / "sample"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "src" / "sample.py"),
-            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-            "prompt=a red circle",
-            "n=2000",
-            "steps=500",
-            f"hydra.run.dir={sample_dir}",
-        ],
-        cwd=tmp_path,
-        env={"OMP_NUM_THREADS": "1", **os.environ},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        wait_for_text(sample_dir, "drawing 2000 image(s) per prompt", proc)
-        time.sleep(1)  # inside generate
-        os.kill(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+    sample_dir = tmp_path / "sample"  # the same, and no half-written grid
+    overrides = ["prompt=a red circle", "n=2000", "steps=500", f"hydra.run.dir={sample_dir}"]
+    proc = start([ckpt, *overrides], tmp_path, "sample.py")
+    out, seconds = sigterm_once_logged(proc, sample_dir, "drawing 2000 image(s) per prompt")
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert "SIGTERM received: stopped at once" in out
+    assert "SIGTERM received: stopped at once" in out and seconds < 30
     assert not (sample_dir / "samples.png").exists()
