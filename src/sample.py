@@ -5,8 +5,8 @@
 order next to it (``.txt``). Prompts come from ``prompt`` (a string or a list) or
 ``prompts_file`` (one per line); with neither, an unconditional model draws ``n`` images.
 ``sampler=heun`` (any of ``conf/sampler/``) replaces the checkpoint's sampler; ``labels``,
-``classifier_ckpt`` (classifier guidance), ``inpaint_image``/``inpaint_mask`` (inpainting) and an
-unCLIP decoder's ``variations_of`` / ``interpolate`` (image variations and interpolations) are
+``classifier_ckpt`` (classifier guidance), ``negative_prompt``, ``inpaint_image``/``inpaint_mask``
+(inpainting), ``init_image``/``strength`` (SDEdit) and an unCLIP decoder's ``variations_of`` / ``interpolate`` (image variations and interpolations) are
 documented in ``conf/sample.yaml``.
 """
 
@@ -73,6 +73,8 @@ TOP_LEVEL = {
     "negative_prompt": str | list[str] | None,
     "inpaint_image": str | None,
     "inpaint_mask": str | None,
+    "init_image": str | None,
+    "strength": float | None,
     "variations_of": str | list[str] | None,
     "interpolate": list[str] | None,
     "device": str,
@@ -108,9 +110,17 @@ def sample(cfg: DictConfig) -> TaskResult:
     if (cfg.get("inpaint_image") is None) != (cfg.get("inpaint_mask") is None):
         raise ValueError("inpainting needs both inpaint_image=... and inpaint_mask=...")
     if cfg.get("inpaint_image") is not None:
-        size = (model.image_size, model.image_size)
-        options["known"] = read_image(cfg.inpaint_image, size, model.channels)[None] * 2 - 1
+        check_inputs(model, {"known": cfg.inpaint_image})
+        channels, height, width = model.image_shape
+        size = (height, width)
+        options["known"] = read_image(cfg.inpaint_image, size, channels)[None] * 2 - 1
         options["mask"] = (read_image(cfg.inpaint_mask, size, 1)[None] > 0.5).float()
+    if cfg.get("init_image") is not None:
+        check_inputs(model, {"init_image": cfg.init_image})
+        channels, height, width = model.image_shape
+        options["init_image"] = read_image(cfg.init_image, (height, width), channels)[None] * 2 - 1
+    if cfg.get("strength") is not None:
+        options["strength"] = float(cfg.strength)
     from_images = image_sources(cfg, model, prompts)
     out = Path(cfg.out)
     if cfg.get("clip_ckpt") is not None:
@@ -151,6 +161,8 @@ INPUTS = {  # generate() inputs other than sampling options, and the capability 
     "negative_prompt": "negative_prompt",
     "known": "inpaint",
     "mask": "inpaint",
+    "init_image": "img2img",
+    "strength": "img2img",
     "classifier": "classifier_guidance",
     "classifier_scale": "classifier_guidance",
 }

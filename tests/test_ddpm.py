@@ -268,6 +268,46 @@ def test_inpainting_keeps_the_known_pixels_and_thresholding_options(fitted):
     assert dynamic.shape == (1, 3, 16, 16)
 
 
+def test_sdedit_strength_runs_the_tail_of_the_grid(fitted):
+    """SDEdit (Meng et al. 2022): strength 0 returns the input, strength 1 is the draw from noise
+    with the same seed, and strength s noises the input to the first of the sampler's last
+    round(s · steps) grid times, then runs those steps (checked against the sampler by hand)."""
+    model = fitted[0]
+    g = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    init = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    prompts = ["a red circle"]
+    plain = model.generate(prompts, n=2, steps=6, generator=g())
+    assert torch.equal(
+        model.generate(prompts, n=2, steps=6, init_image=init, strength=1.0, generator=g()), plain
+    )
+    torch.testing.assert_close(
+        model.generate(prompts, n=2, steps=6, init_image=init, strength=0.0, generator=g()), init
+    )
+    edited = model.generate(prompts, n=2, steps=6, init_image=init, strength=0.5, generator=g())
+    sampler = model.sampling_options(steps=6).sampler  # DDIM, deterministic
+    ts = sampler.timesteps(model.schedule, 0.5)
+    assert len(ts) == 3 and torch.equal(ts, sampler.timesteps(model.schedule)[3:])
+    noise = torch.randn((2, 3, 16, 16), generator=g())
+    a = float(model.schedule.alpha_bar(ts[:1]))
+    x = a**0.5 * init + (1 - a) ** 0.5 * noise
+    options = model.sampling_options(steps=6)
+    denoiser = model.sampling_denoiser(
+        {"caption": prompts * 2},
+        guidance_scale=options.guidance_scale,
+        thresholding=options.thresholding,
+    )
+    torch.testing.assert_close(edited, sampler(denoiser, x, timesteps=ts).clamp(-1, 1))
+    assert (edited - init).abs().mean() < (plain - init).abs().mean()  # nearer its input
+    one = model.generate(prompts, n=2, steps=6, init_image=init[:1], generator=g())  # 0.75
+    assert one.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="pass init_image"):
+        model.generate(prompts, strength=0.5)
+    with pytest.raises(ValueError, match=r"strength=1.5 must be in \[0, 1\]"):
+        model.generate(prompts, init_image=init[:1], strength=1.5)
+    with pytest.raises(ValueError, match="init_image of shape"):
+        model.generate(prompts, init_image=init[:1, :, :8])
+
+
 def test_bits_per_dim_at_test_time_is_a_bound_independent_of_batching(tmp_path):
     """test/bpd on the first items, with T = 20 steps to stay fast; per-item noise seeds."""
     model = tiny_model(num_timesteps=20, bpd_images=8, **UNCOND, condition="none")

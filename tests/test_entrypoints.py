@@ -205,3 +205,18 @@ def test_sample_inpaints_with_any_sampler_config(trained_run: Path, tmp_path: Pa
     drawn = grid.astype(int)  # a grid of one image is that image, unpadded
     assert np.abs(drawn[:, :half] - known[:, :half]).max() <= 1
     assert np.abs(drawn[:, half:] - known[:, half:]).mean() > 10
+    # SDEdit through the entry point: strength 0 gives the input image back
+    result = run_entry(
+        "sample.py",
+        f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        'prompt="a red circle"',
+        "n=1",
+        "cell=null",
+        f"init_image={tmp_path / 'known.png'}",
+        "strength=0",
+        f"hydra.run.dir={tmp_path / 'edit'}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    edited = np.asarray(Image.open(tmp_path / "edit" / "samples.png").convert("RGB"))
+    assert np.abs(edited.astype(int) - known).max() <= 1

@@ -35,6 +35,7 @@ from genlab.data.arrays import labelled_splits
 from genlab.data.datamodule import LabelledArraysDataModule
 from genlab.data.latent_cache import cache_source
 from genlab.data.shapes import ShapesDataModule, ShapesDataset
+from genlab.data.tokenizer import BPETokenizer
 from genlab.models.diffusion.model import DiffusionModel as LDM
 from genlab.models.diffusion.spaces import FIRST_STAGE_KEY
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
@@ -147,8 +148,47 @@ def test_generate_decodes_latents_with_the_first_stage(first_stages) -> None:
     z = torch.randn(1, 4, SIZE // 4, SIZE // 4)
     expected = model.space.first_stage.decode(z / model.space.scale_factor).clamp(-1, 1)
     assert torch.allclose(model.space.decode(z), expected)
-    with pytest.raises(ValueError, match="pixel space"):
-        model.generate(n=1, known=torch.zeros(1, 3, SIZE, SIZE), mask=torch.ones(1))
+
+
+@pytest.mark.parametrize("kind", ["vae", "vqgan"])
+def test_latent_inpainting_and_sdedit(first_stages, kind) -> None:
+    """Inpainting in latents keeps the known pixels (the decoded paste) and re-imposes the known
+    latent cells; SDEdit at strength 0 is the first stage's reconstruction, at strength 1 the draw
+    from noise with the same seed (issue 22, item 3)."""
+    model = tiny_ldm(first_stages[kind]).eval()
+    model.tokenizer = BPETokenizer.train(data().train_captions(), vocab_size=64)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    known = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., :, : SIZE // 2 + 2] = 1  # 10 columns: two whole latent columns and half of a third
+    assert model.capabilities >= {"inpaint", "img2img", "negative_prompt"}
+    out = model.generate(["a red circle"], n=2, steps=3, known=known, mask=mask, generator=g())
+    assert out.shape == (2, 3, SIZE, SIZE)
+    torch.testing.assert_close(
+        out[..., : SIZE // 2 + 2], known[..., : SIZE // 2 + 2].expand(2, -1, -1, -1)
+    )
+    assert not torch.allclose(
+        out[..., SIZE // 2 + 2 :], known[..., SIZE // 2 + 2 :].expand(2, -1, -1, -1)
+    )
+    cells = model.space.latent_mask(mask)
+    assert cells.shape == (1, 1, SIZE // 4, SIZE // 4)
+    assert cells[..., :2].eq(1).all() and cells[..., 2:].eq(0).all()  # the partial cell is unknown
+
+    plain = model.generate(["a red circle"], n=2, steps=4, generator=g())
+    full = model.generate(
+        ["a red circle"], n=2, steps=4, init_image=known, strength=1.0, generator=g()
+    )
+    assert torch.equal(full, plain)
+    none = model.generate(
+        ["a red circle"], n=2, steps=4, init_image=known, strength=0.0, generator=g()
+    )
+    reconstruction = model.space.decode(model.space.encode(known, training=False))
+    expected = reconstruction.clamp(-1, 1).expand(2, -1, -1, -1)
+    torch.testing.assert_close(none, expected, atol=2e-4, rtol=0)  # decoded 2 vs 1 at a time
+    half = model.generate(
+        ["a red circle"], n=2, steps=4, init_image=known, strength=0.5, generator=g()
+    )
+    assert not torch.allclose(half, plain) and not torch.allclose(half, none)
 
 
 def test_missing_changed_or_wrong_first_stage_is_named(first_stages, tmp_path) -> None:

@@ -257,11 +257,29 @@ class Sampler:
         """Network evaluations per image (before classifier-free guidance's doubling)."""
         return 2 * self.steps - 1 if self.name == "heun" else self.steps
 
+    def timesteps(self, schedule, strength: float = 1.0) -> torch.Tensor:
+        """The grid this sampler steps through: all ``steps`` times, or for ``strength`` < 1 only
+        its last round(strength · steps) (SDEdit, Meng et al. 2022: start from an input noised to
+        the first of them; strength 0 keeps no step)."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength} must be in [0, 1]")
+        ts = schedule.timesteps(self.steps, self.grid)
+        keep = round(strength * self.steps)
+        return ts[len(ts) - keep :]
+
     def __call__(
-        self, denoiser: Denoiser, x_T: torch.Tensor, *, generator: torch.Generator | None = None
+        self,
+        denoiser: Denoiser,
+        x_T: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Draw x_0 from the starting noise ``x_T``."""
-        ts = denoiser.schedule.timesteps(self.steps, self.grid)
+        """Draw x_0 from the starting noise ``x_T`` at the first time of ``timesteps`` (the whole
+        grid when None; an empty grid returns ``x_T``)."""
+        ts = self.timesteps(denoiser.schedule) if timesteps is None else timesteps
+        if len(ts) == 0:
+            return x_T
         if self.name == "ddpm":
             return ddpm(denoiser, x_T, ts, variance=self.variance, generator=generator)
         if self.name == "ddim":

@@ -10,6 +10,8 @@ the names below) instead of being probed with ``hasattr``; a generative model al
 | ``reconstruct`` | ``reconstruct(images)`` → images | reconstruction metrics and grids |
 | ``variations`` | ``variations(images, n=)`` and ``interpolate(images, n=)`` | ``sample.py variations_of= / interpolate=`` |
 | ``inpaint`` | ``generate(known=, mask=)`` | ``sample.py inpaint_image=`` |
+| ``img2img`` | ``generate(init_image=, strength=)`` (SDEdit) | ``sample.py init_image=`` |
+| ``negative_prompt`` | ``generate(negative_prompt=)`` | ``sample.py negative_prompt=`` |
 | ``rerank`` | ``use_clip(ckpt)``: rank ``n_candidates`` by a CLIP | ``sample.py clip_ckpt=`` |
 | ``classifier_guidance`` | ``generate(labels=, classifier=, classifier_scale=)`` | ``sample.py classifier_ckpt=`` |
 
@@ -31,7 +33,16 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 Condition = Literal["text", "label", "none"]
-CAPABILITIES = ("generate", "reconstruct", "variations", "inpaint", "classifier_guidance", "rerank")
+CAPABILITIES = (
+    "generate",
+    "reconstruct",
+    "variations",
+    "inpaint",
+    "img2img",
+    "negative_prompt",
+    "classifier_guidance",
+    "rerank",
+)
 
 
 @runtime_checkable

@@ -54,8 +54,11 @@ from genlab.models.diffusion.conditioners import (
     take,
 )
 from genlab.models.diffusion.sampling import (
+    DEFAULT_STRENGTH,
     check_arguments,
+    check_edit,
     check_inpainting,
+    edit_start,
     generation_conditions,
     initial_noise,
     interpolation_embeddings,
@@ -184,16 +187,17 @@ class DiffusionModel(L.LightningModule):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """What it can do (the model contract): inpainting and classifier guidance in pixel
-        space, variations with a CLIP image embedding."""
+        """What it can do (the model contract): inpainting and SDEdit in any space (not for a
+        super-resolution stage), classifier guidance in pixel space, variations with a CLIP image
+        embedding, negative prompts with a caption."""
         low_res, embed = (
             self.conditioner(LowResConditioner),
             self.conditioner(ImageEmbedConditioner),
         )
         found = {"generate"}
-        if self.space.pixel_space and low_res is None:
-            found.add("inpaint")
-            if self.condition != "text" and embed is None:
+        if low_res is None:
+            found |= {"inpaint", "img2img"}
+            if self.space.pixel_space and self.condition != "text" and embed is None:
                 found.add("classifier_guidance")
         if embed is not None:
             found.add("variations")
@@ -207,6 +211,11 @@ class DiffusionModel(L.LightningModule):
         if self.conditioner(LowResConditioner) is not None:
             keys.add("aug_level")
         return frozenset(keys)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The shape (C, H, W) of one image drawn (in pixels, also for latent diffusion)."""
+        return (self.space.image_channels(self.channels), self.pixel_size, self.pixel_size)
 
     @property
     def uses_ema(self) -> bool:
@@ -447,6 +456,8 @@ class DiffusionModel(L.LightningModule):
         mask: torch.Tensor | None = None,
         x_T: torch.Tensor | None = None,
         negative_prompt: str | list[str] | None = None,
+        init_image: torch.Tensor | None = None,
+        strength: float | None = None,
     ) -> torch.Tensor:
         """Draw images in [-1, 1], shaped (N, C, H, W), with the EMA weights when there are any.
 
@@ -459,8 +470,15 @@ class DiffusionModel(L.LightningModule):
 
         ``classifier`` (a ``NoisyClassifier`` on the same schedule) guides towards ``labels``
         with ``classifier_scale`` (Dhariwal & Nichol 2021); an unconditional model then draws
-        one image per label. ``known`` (N or 1, C, H, W) with ``mask`` (1 = keep) inpaints.
-        ``x_T`` (N or 1, *sample_shape) replaces the starting noise drawn from ``generator``.
+        one image per label. ``known`` (N or 1, C, H, W) with ``mask`` (1 = keep) inpaints, in
+        pixels (given in pixels for latent diffusion too: the known region is re-imposed in latents
+        at every step, on the latent cells whose pixels are all known, and the known pixels are
+        pasted over the decoded image). ``init_image`` (N or 1, C, H, W) with ``strength`` in
+        [0, 1] (default 0.75) edits an image (SDEdit, Meng et al. 2022): it is noised to the time
+        of the sampler's last round(strength · steps) grid times and denoised from there; strength
+        0 returns it (through the first stage, for latent diffusion) and strength 1 is sampling
+        from noise. ``x_T`` (N or 1, *sample_shape) replaces the starting noise drawn from
+        ``generator``.
         ``negative_prompt`` (one for all, or one per prompt) replaces the empty caption of
         classifier-free guidance, so guidance steers away from it (Stable Diffusion's negative
         prompts); it needs a guidance scale other than 1.
@@ -481,14 +499,22 @@ class DiffusionModel(L.LightningModule):
         if negative_prompt is not None:
             negatives = negative_captions(self, negative_prompt, prompts, n, options.guidance_scale)
         targets = torch.as_tensor(labels).long() if classifier is not None else None
-        shape = (rows, *self.sample_shape)
+        shape, image_shape = (rows, *self.sample_shape), (rows, *self.image_shape)
         if known is not None:
             if "inpaint" not in self.capabilities:
                 raise ValueError(
                     f"known= (inpainting) is not available for model={self.config_name}: "
-                    "inpainting is defined in pixel space, without a low-resolution condition"
+                    "a super-resolution stage draws from its low-resolution input"
                 )
-            known, mask = check_inpainting(known, mask, shape)
+            known, mask = check_inpainting(known, mask, image_shape)
+            known, mask = known.to(self.device), mask.to(self.device)
+            known_x0 = self.space.encode(known, training=False)
+            known_mask = self.space.latent_mask(mask)
+        init = check_edit(self, init_image, strength, image_shape)
+        init_x0 = None if init is None else self.space.encode(init.to(self.device), training=False)
+        if strength is None:
+            strength = 1.0 if init is None else DEFAULT_STRENGTH
+        ts = options.sampler.timesteps(self.schedule, strength)
         noise = initial_noise(shape, x_T, generator)
         chunks = []
         for start in range(0, rows, self.sample_batch_size):
@@ -503,10 +529,18 @@ class DiffusionModel(L.LightningModule):
                 guide = classifier.log_prob_grad(targets[part].to(self.device))
                 denoiser = classifier_guidance(denoiser, guide, classifier_scale)
             if known is not None:
+                part_known = known_x0[part] if len(known_x0) > 1 else known_x0
+                denoiser = inpainting(denoiser, part_known, known_mask)
+            x = noise[part].to(self.device)
+            if init_x0 is not None and len(ts) < options.sampler.steps:  # strength < 1
+                x0 = init_x0[part] if len(init_x0) > 1 else init_x0.expand_as(x)
+                x = x0 if len(ts) == 0 else edit_start(x0, x, self.schedule.alpha_bar(ts[:1]))
+            x = options.sampler(denoiser, x, generator=generator, timesteps=ts)
+            images = self.space.decode(x).float()
+            if known is not None:  # the known pixels exactly (a first stage only nears them)
                 part_known = known[part] if len(known) > 1 else known
-                denoiser = inpainting(denoiser, part_known.to(self.device), mask.to(self.device))
-            x = options.sampler(denoiser, noise[part].to(self.device), generator=generator)
-            chunks.append(self.space.decode(x).float().cpu())
+                images = mask * part_known + (1 - mask) * images
+            chunks.append(images.cpu())
         return torch.cat(chunks).clamp(-1, 1)
 
     def sampling_denoiser(

@@ -1,8 +1,9 @@
 """Small pieces of sampling that the diffusion models share: the starting noise, inpainting
-inputs and the spherical interpolation of embeddings."""
+and SDEdit inputs, negative prompts and the spherical interpolation of embeddings."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -51,6 +52,38 @@ def check_inpainting(known, mask, shape) -> tuple[torch.Tensor, torch.Tensor]:
             f"mask shape {tuple(mask.shape)} does not fit {tuple(known.shape)}"
         ) from err
     return known, mask
+
+
+DEFAULT_STRENGTH = 0.75  # SDEdit's strength when an init_image comes without one
+
+
+def check_edit(model: Any, init_image, strength, shape) -> torch.Tensor | None:
+    """The SDEdit input as a float tensor that broadcasts to the images drawn (None without
+    one), or a ValueError naming what does not fit."""
+    if init_image is None:
+        if strength is not None:
+            raise ValueError(f"strength={strength} edits an init_image: pass init_image= too")
+        return None
+    if "img2img" not in model.capabilities:
+        raise ValueError(
+            f"init_image= (SDEdit) is not available for model={model.config_name}: a "
+            "super-resolution stage draws from its low-resolution input"
+        )
+    if strength is not None and not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength={strength} must be in [0, 1] (0: the input, 1: from noise)")
+    init = torch.as_tensor(init_image).float()
+    if init.dim() != 4 or init.shape[1:] != shape[1:] or len(init) not in (1, shape[0]):
+        raise ValueError(
+            f"init_image of shape {tuple(init.shape)} must be (1 or {shape[0]}, "
+            f"{', '.join(map(str, shape[1:]))}), in [-1, 1]"
+        )
+    return init
+
+
+def edit_start(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ x0 + √(1-ᾱ) ε at the first time of an SDEdit grid (``alpha_bar`` of shape (1,))."""
+    a = float(alpha_bar[0])
+    return math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
 
 
 def interpolation_embeddings(embedder: Any, images: Any, n: int | None, device) -> torch.Tensor:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from genlab.data.latent_cache import LatentCache
@@ -49,6 +50,14 @@ class PixelSpace(nn.Module):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Images of samples x0."""
         return x0
+
+    def image_channels(self, channels: int) -> int:
+        """The channels of the images, for a space of ``channels`` channels."""
+        return channels
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """An inpainting mask of the images (1 = known) as a mask of this space."""
+        return mask
 
     def training_x0(self, batch: dict[str, Any], *, training: bool) -> torch.Tensor:
         """x0 of a training batch."""
@@ -124,6 +133,16 @@ class LatentSpace(PixelSpace):
                 f"model.channels={channels} but the first stage's latents have "
                 f"{first_stage.latent_channels} channels: set model.channels to that"
             )
+
+    def image_channels(self, channels: int) -> int:
+        return self.first_stage.channels
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A latent cell is known when every pixel it covers is known in every channel (min-pooled
+        over the downsampling factor and the channels)."""
+        f = self.downsample_factor
+        cells = -F.max_pool2d(-mask.float(), kernel_size=f, stride=f)
+        return cells.amin(dim=1, keepdim=True)
 
     def _apply(self, fn, recurse=True):
         self.first_stage._apply(fn, recurse)  # moves with the model, outside state_dict
