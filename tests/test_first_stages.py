@@ -17,12 +17,13 @@ from omegaconf import OmegaConf
 import genlab
 from conftest import CONF, TINY_DATA, TINY_RUN, check_ok, quiet_trainer, run_entry
 from genlab.data.shapes import ShapesDataModule
+from genlab.models.autoencoders.ae import corrupt
 from genlab.nn.adversarial import adaptive_weight, discriminator_loss, generator_loss
 from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 from genlab.utils.ramps import Ramp
 
-MODELS = ["vae", "beta_vae", "vqgan", "vqvae", "dvae"]
+MODELS = ["vae", "beta_vae", "vqgan", "vqvae", "dvae", "ae", "dae"]
 
 
 def tiny_config(model: str, *overrides: str, size: int = 16, f: int = 4) -> dict:
@@ -301,6 +302,9 @@ def test_checkpoint_round_trip_through_genlab_load(model: str, tmp_path: Path) -
             assert torch.equal(loaded.encode(x).mean, module.encode(x).mean)
             z = torch.randn(3, module.latent_channels, 4, 4)
             assert torch.equal(loaded.decode(z), module.decode(z))
+        elif model in ("ae", "dae"):
+            assert torch.equal(loaded.encode(x), module.encode(x))
+            assert loaded.denoising == (model == "dae")
         else:
             tokens = loaded.encode_indices(x)
             assert torch.equal(tokens, module.encode_indices(x))
@@ -317,6 +321,48 @@ def test_codebook_usage_is_logged_every_validation(tmp_path) -> None:
         assert key in metrics, key
     assert 0 < metrics["val/codebook_usage"] <= 1
     assert 1 <= metrics["val/perplexity"] <= 32
+
+
+def test_dae_corrupts_inputs_in_training_only(tmp_path) -> None:
+    """The DAE's encoder sees corrupted inputs in training and clean ones in evaluation, where
+    the corrupted-input metrics use a corruption seeded by each item's index; the AE never
+    corrupts in training. Masking keeps or zeroes whole pixels."""
+    seen: list[torch.Tensor] = []
+    for model in ("dae", "ae"):
+        module = instantiate(tiny_config(model))
+        module.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+        x = torch.rand(4, 3, 16, 16) * 2 - 1
+        module.train()
+        module.forward_train(x)
+        assert torch.equal(seen[-1], x) == (model == "ae")
+        if model == "dae":
+            assert (seen[-1] - x).std() == pytest.approx(0.5, rel=0.1)  # noise_std
+        module.eval()
+        module.forward_eval(x)
+        assert torch.equal(seen[-1], x)
+
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    masked = corrupt(x, "mask", noise_std=0.0, mask_prob=0.5)
+    zero = masked == 0
+    assert torch.equal(zero.all(1), zero.any(1))  # whole pixels
+    assert 0.3 < zero.all(1).float().mean() < 0.7
+    torch.testing.assert_close(masked[~zero], x[~zero])
+    gens = lambda: [torch.Generator().manual_seed(i) for i in (3, 4)]  # noqa: E731
+    assert torch.equal(
+        corrupt(x, "gaussian", noise_std=0.2, mask_prob=0.0, generators=gens()),
+        corrupt(x, "gaussian", noise_std=0.2, mask_prob=0.0, generators=gens()),
+    )
+
+    module = instantiate(tiny_config("dae", "model.corruption=mask"))
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=2, log_every_n_steps=1)
+    trainer.fit(module, datamodule=tiny_data(n=16))
+    metrics = trainer.callback_metrics
+    for key in ("val/psnr", "val/ssim", "val/psnr_corrupted", "val/ssim_corrupted"):
+        assert key in metrics, key
+    with pytest.raises(ValueError, match="double_latent: false"):
+        instantiate(tiny_config("ae", "model.encoder.double_latent=true"))
+    with pytest.raises(ValueError, match="corruption='blur'"):
+        instantiate(tiny_config("dae", "model.corruption=blur"))
 
 
 def test_collapse_warning(caplog) -> None:
@@ -348,6 +394,7 @@ RECIPES = {
     "vqvae_shapes": ["model.quantizer.num_codes=64"],
     "vae_shapes": ["model.disc_start=2", "model.discriminator.channels=8"],
     "dvae_shapes": ["model.quantizer.num_codes=64"],
+    "dae_shapes": ["model.corruption=mask"],
 }
 
 
