@@ -328,6 +328,29 @@ def cells_from_attributes(attributes: torch.Tensor) -> torch.Tensor:
     return cells[:, : len(CELLS)]  # (B, 9, 3)
 
 
+LABELS = (None, "shape", "color", "shape_color")
+
+
+def label_names(
+    label: str | None, shapes: Sequence[str], colors: Sequence[str]
+) -> list[str] | None:
+    """The class names of a scene label: the shapes, the colours or every (colour, shape)."""
+    if label is None:
+        return None
+    if label == "shape":
+        return list(shapes)
+    if label == "color":
+        return list(colors)
+    return [f"{color} {shape}" for shape in shapes for color in colors]
+
+
+def scene_label(scene: Scene, label: str, names: list[str]) -> int:
+    """The class of a scene: its first object's shape, colour or both (index into ``names``)."""
+    first = scene[0]
+    name = {"shape": first.shape, "color": first.color}.get(label, f"{first.color} {first.shape}")
+    return names.index(name)
+
+
 class ShapesDataset(Dataset):
     """One split of the shapes dataset; item ``i`` is drawn and rendered on access.
 
@@ -335,7 +358,9 @@ class ShapesDataset(Dataset):
     ``(max_objects, 4)`` and ``num_objects``. Every scene of the ``compositional`` split shows at
     least one held-out pair; the other splits never show one. ``redraw`` k > 0: each item's
     objects again, with fresh offsets from ``default_rng([seed, split_id, i, k])`` — another
-    image its caption describes (what a perfect text-to-image model would draw).
+    image its caption describes (what a perfect text-to-image model would draw). ``label``
+    (``shape`` | ``color`` | ``shape_color``) adds ``label``: a class derived from the scene, its
+    first object's shape, colour or both (for label-conditional models; ``class_names``).
     """
 
     def __init__(
@@ -352,8 +377,10 @@ class ShapesDataset(Dataset):
         jitter: float = 0.5,
         hold_out: bool = True,
         redraw: int = 0,
+        label: str | None = None,
     ) -> None:
         check_choice("split", split, list(SPLITS))
+        check_choice("label", label, LABELS)
         held = held_out_pairs(shapes, colors) if hold_out else []
         if split == "compositional" and not held:
             raise ValueError(
@@ -372,6 +399,8 @@ class ShapesDataset(Dataset):
         self.max_objects = max_objects
         self.jitter = jitter
         self.redraw = redraw
+        self.label = label
+        self.class_names = label_names(label, shapes, colors)
 
     def __len__(self) -> int:
         return self.size
@@ -402,7 +431,11 @@ class ShapesDataset(Dataset):
             "index": index,
             "attributes": torch.from_numpy(scene_attributes(scene, self.max_objects)),
             "num_objects": len(scene),
-        }
+        } | (
+            {}
+            if self.label is None
+            else {"label": scene_label(scene, self.label, self.class_names)}
+        )
 
 
 class ShapesDataModule(GenDataModule):
@@ -434,6 +467,7 @@ class ShapesDataModule(GenDataModule):
         test_size: int = 1024,
         compositional_size: int = 1024,
         test_split: Literal["test", "compositional"] = "test",
+        label: str | None = None,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -475,6 +509,10 @@ class ShapesDataModule(GenDataModule):
         self.jitter = jitter
         self.hold_out = hold_out
         self.test_split = test_split
+        check_choice("label", label, LABELS)
+        self.label = label
+        self.class_names = label_names(label, shapes, colors)
+        self.num_classes = None if label is None else len(self.class_names)
 
     def split(self, name: str, *, redraw: int = 0) -> ShapesDataset:
         """The dataset of split ``name``: ``train``, ``val``, ``test`` or ``compositional``;
@@ -491,6 +529,7 @@ class ShapesDataModule(GenDataModule):
             jitter=self.jitter,
             hold_out=self.hold_out,
             redraw=redraw,
+            label=self.label,
         )
 
     def redrawn(self, name: str) -> ShapesDataset:

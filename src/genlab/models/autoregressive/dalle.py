@@ -48,14 +48,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
+from genlab.models.autoregressive.codes import FROZEN_KEY, check_code_stage, load_code_stage
 from genlab.models.contract import SamplingOptions, captions_of, check_prompts
 from genlab.nn.ema import EMA
 from genlab.nn.transformer import DalleTransformer
 from genlab.utils.checkpoint import load_frozen
 from genlab.utils.io import file_version
 from genlab.utils.lr_schedule import optimizers
-
-FROZEN_KEY = "genlab_frozen_parts"  # paths and SHA-256 of the first stage and CLIP
 
 
 class DALLE(L.LightningModule):
@@ -120,22 +119,10 @@ class DALLE(L.LightningModule):
                 f"model.text_loss_weight={text_loss_weight} and image_loss_weight="
                 f"{image_loss_weight} must be >= 0, the image weight > 0"
             )
-        first_stage = load_frozen(
-            tokenizer_ckpt,
-            key="model.tokenizer_ckpt",
-            needs=("encode_indices", "decode_indices", "num_codes", "latent_size"),
-            hint="use a dvae or vqgan checkpoint (python src/train.py experiment=dvae_shapes)",
-        )
-        if image_size != first_stage.image_size:
-            raise ValueError(
-                f"model.image_size={image_size} but the first stage {tokenizer_ckpt} was trained "
-                f"at {first_stage.image_size} px"
-            )
+        first_stage, record = load_code_stage(tokenizer_ckpt, image_size)
         object.__setattr__(self, "first_stage", first_stage)  # not a submodule: see _apply
         object.__setattr__(self, "clip", None)
-        self.frozen_parts = {
-            "first_stage": {"path": str(tokenizer_ckpt), "version": file_version(tokenizer_ckpt)}
-        }
+        self.frozen_parts = {"first_stage": record}
         if clip_ckpt:
             self.use_clip(clip_ckpt)
         self.text_length, self.text_vocab = text_length, tokenizer_vocab_size
@@ -301,14 +288,7 @@ class DALLE(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if TOKENIZER_KEY in checkpoint:
             self.tokenizer = BPETokenizer.from_json(checkpoint[TOKENIZER_KEY])
-        saved = checkpoint.get(FROZEN_KEY, {}).get("first_stage", {}).get("version")
-        current = self.frozen_parts["first_stage"]
-        if saved is not None and saved != current["version"]:
-            raise ValueError(
-                f"the first stage {current['path']} has changed since this DALL-E was trained "
-                f"(sha256 {current['version']}, trained on {saved}): its tokens no longer match; "
-                "put the original file back"
-            )
+        check_code_stage(checkpoint, self.frozen_parts["first_stage"], "DALL-E")
 
     # ------------------------------------------------------------------------------------------
     # sampling
