@@ -67,6 +67,7 @@ TOP_LEVEL = {
     "n_candidates": int | None,
     "truncation": float | None,
     "clip_ckpt": str | None,
+    "clip_guidance_scale": float | None,
     "labels": list[int] | None,
     "classifier_ckpt": str | None,
     "classifier_scale": float,
@@ -123,9 +124,18 @@ def sample(cfg: DictConfig) -> TaskResult:
         options["strength"] = float(cfg.strength)
     from_images = image_sources(cfg, model, prompts)
     out = Path(cfg.out)
-    if cfg.get("clip_ckpt") is not None:
+    if cfg.get("clip_guidance_scale") is not None:  # GLIDE's CLIP guidance
+        if cfg.get("clip_ckpt") is None:
+            raise ValueError("clip_guidance_scale needs clip_ckpt=<a noise-aware CLIP checkpoint>")
+        check_inputs(model, {"clip": cfg.clip_ckpt})
+        options["clip"] = load(cfg.clip_ckpt, map_location=device)
+        options["clip_guidance_scale"] = float(cfg.clip_guidance_scale)
+    elif cfg.get("clip_ckpt") is not None:
         if "rerank" not in capabilities(model):
-            raise ValueError(f"clip_ckpt: {type(model).__name__} does not rank candidates")
+            raise ValueError(
+                f"clip_ckpt: {type(model).__name__} does not rank candidates (a diffusion model "
+                "takes clip_ckpt with clip_guidance_scale=, CLIP guidance)"
+            )
         model.use_clip(cfg.clip_ckpt, key="clip_ckpt")
     check_inputs(model, options)
     if from_images is not None:
@@ -163,6 +173,8 @@ INPUTS = {  # generate() inputs other than sampling options, and the capability 
     "mask": "inpaint",
     "init_image": "img2img",
     "strength": "img2img",
+    "clip": "clip_guidance",
+    "clip_guidance_scale": "clip_guidance",
     "classifier": "classifier_guidance",
     "classifier_scale": "classifier_guidance",
 }

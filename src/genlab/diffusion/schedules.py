@@ -244,6 +244,24 @@ class Schedule:
         w = torch.where(gap > 0, (lam_hi - lam) / gap.clamp(min=1e-300), torch.zeros_like(gap))
         return grid_t[idx - 1] + w * (grid_t[idx] - grid_t[idx - 1])
 
+    def check_same(self, other: Schedule, what: str) -> None:
+        """Raise a ``ValueError`` unless ``other`` (a diffusion model's) is this schedule, which
+        ``what`` (a guide: a noisy classifier, a noise-aware CLIP) was trained on: the same
+        name, T, time kind and log-SNR shift; else the guide would read t wrongly."""
+        fields = ("name", "num_timesteps", "continuous", "log_snr_shift")
+        differ = [
+            f"{f}: {what} {getattr(self, f)!r}, diffusion model {getattr(other, f)!r}"
+            for f in fields
+            if getattr(self, f) != getattr(other, f)
+        ]
+        if differ:
+            raise ValueError(
+                f"the {what} was trained on another noise schedule than the diffusion model it "
+                "should guide, so it would read t wrongly (" + "; ".join(differ) + "): train it "
+                "with the diffusion model's model.schedule / num_timesteps / continuous_time / "
+                "log_snr_shift"
+            )
+
     def sample_t(self, n: int, *, generator=None, device=None) -> torch.Tensor:
         """Training times: uniform integers in [0, T) or, continuous, uniform τ ∈ (0, 1]."""
         if self.continuous:

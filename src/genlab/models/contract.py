@@ -13,6 +13,7 @@ the names below) instead of being probed with ``hasattr``; a generative model al
 | ``img2img`` | ``generate(init_image=, strength=)`` (SDEdit) | ``sample.py init_image=`` |
 | ``negative_prompt`` | ``generate(negative_prompt=)`` | ``sample.py negative_prompt=`` |
 | ``rerank`` | ``use_clip(ckpt)``: rank ``n_candidates`` by a CLIP | ``sample.py clip_ckpt=`` |
+| ``clip_guidance`` | ``generate(clip=, clip_guidance_scale=)`` (a noise-aware CLIP) | ``sample.py clip_ckpt= clip_guidance_scale=`` |
 | ``classifier_guidance`` | ``generate(labels=, classifier=, classifier_scale=)`` | ``sample.py classifier_ckpt=`` |
 
 ``condition`` is ``"text"``, ``"label"`` or ``"none"``: what ``generate`` is asked with. A
@@ -41,6 +42,7 @@ CAPABILITIES = (
     "img2img",
     "negative_prompt",
     "classifier_guidance",
+    "clip_guidance",
     "rerank",
 )
 

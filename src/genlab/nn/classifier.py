@@ -86,6 +86,7 @@ class NoisyClassifierNet(nn.Module):
         if pool not in ("mean", "attention"):
             raise ValueError(f"pool={pool!r} is not one of ['attention', 'mean']")
         self.num_classes, self.coord_channels = num_classes, coord_channels
+        self.out_dim = num_classes  # the output width: logits, or a noise-aware CLIP's features
         emb_dim = 4 * channels[0]
         self.time_embed = TimestepEmbedding(channels[0], emb_dim)
 

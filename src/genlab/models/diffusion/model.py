@@ -56,6 +56,7 @@ from genlab.models.diffusion.conditioners import (
 from genlab.models.diffusion.sampling import (
     DEFAULT_STRENGTH,
     check_arguments,
+    check_clip_guidance,
     check_edit,
     check_inpainting,
     edit_start,
@@ -199,6 +200,8 @@ class DiffusionModel(L.LightningModule):
             found |= {"inpaint", "img2img"}
             if self.space.pixel_space and self.condition != "text" and embed is None:
                 found.add("classifier_guidance")
+            if self.space.pixel_space and self.condition == "text" and embed is None:
+                found.add("clip_guidance")
         if embed is not None:
             found.add("variations")
         if self.condition == "text" and embed is None:
@@ -458,6 +461,8 @@ class DiffusionModel(L.LightningModule):
         negative_prompt: str | list[str] | None = None,
         init_image: torch.Tensor | None = None,
         strength: float | None = None,
+        clip: Any = None,
+        clip_guidance_scale: float | None = None,
     ) -> torch.Tensor:
         """Draw images in [-1, 1], shaped (N, C, H, W), with the EMA weights when there are any.
 
@@ -478,7 +483,10 @@ class DiffusionModel(L.LightningModule):
         of the sampler's last round(strength · steps) grid times and denoised from there; strength
         0 returns it (through the first stage, for latent diffusion) and strength 1 is sampling
         from noise. ``x_T`` (N or 1, *sample_shape) replaces the starting noise drawn from
-        ``generator``.
+        ``generator``. ``clip`` (a noise-aware CLIP on the same schedule) with
+        ``clip_guidance_scale`` s guides each image towards its prompt (GLIDE's CLIP guidance,
+        Nichol et al. 2022, §2.3: the mean shifted by s Σ ∇ f(x_t) · g(c), here as the
+        equivalent shift of ε̂ for every sampler); usually with ``guidance_scale=1``.
         ``negative_prompt`` (one for all, or one per prompt) replaces the empty caption of
         classifier-free guidance, so guidance steers away from it (Stable Diffusion's negative
         prompts); it needs a guidance scale other than 1.
@@ -499,6 +507,7 @@ class DiffusionModel(L.LightningModule):
         if negative_prompt is not None:
             negatives = negative_captions(self, negative_prompt, prompts, n, options.guidance_scale)
         targets = torch.as_tensor(labels).long() if classifier is not None else None
+        clip_captions = check_clip_guidance(self, clip, clip_guidance_scale, conditions)
         shape, image_shape = (rows, *self.sample_shape), (rows, *self.image_shape)
         if known is not None:
             if "inpaint" not in self.capabilities:
@@ -528,6 +537,9 @@ class DiffusionModel(L.LightningModule):
             if classifier is not None:
                 guide = classifier.log_prob_grad(targets[part].to(self.device))
                 denoiser = classifier_guidance(denoiser, guide, classifier_scale)
+            if clip_captions is not None:
+                guide = clip.guidance_grad(clip_captions[part])
+                denoiser = classifier_guidance(denoiser, guide, clip_guidance_scale)
             if known is not None:
                 part_known = known_x0[part] if len(known_x0) > 1 else known_x0
                 denoiser = inpainting(denoiser, part_known, known_mask)

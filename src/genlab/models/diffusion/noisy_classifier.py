@@ -190,21 +190,8 @@ class NoisyClassifier(L.LightningModule):
     # guidance
     def check_schedule(self, schedule: Schedule) -> None:
         """Raise a ``ValueError`` unless ``schedule`` (the guided diffusion model's) is the one
-        this classifier was trained on: same name, T, time kind and log-SNR shift."""
-        fields = ("name", "num_timesteps", "continuous", "log_snr_shift")
-        differ = [
-            f"{f}: classifier {getattr(self.schedule, f)!r}, diffusion model "
-            f"{getattr(schedule, f)!r}"
-            for f in fields
-            if getattr(self.schedule, f) != getattr(schedule, f)
-        ]
-        if differ:
-            raise ValueError(
-                "the classifier was trained on another noise schedule than the diffusion model "
-                "it should guide, so it would read t wrongly (" + "; ".join(differ) + "): train "
-                "it with the diffusion model's model.schedule / num_timesteps / continuous_time "
-                "/ log_snr_shift"
-            )
+        this classifier was trained on."""
+        self.schedule.check_same(schedule, "classifier")
 
     def log_prob_grad(
         self, labels: torch.Tensor | Sequence[int]

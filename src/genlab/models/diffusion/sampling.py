@@ -54,6 +54,35 @@ def check_inpainting(known, mask, shape) -> tuple[torch.Tensor, torch.Tensor]:
     return known, mask
 
 
+def check_clip_guidance(model: Any, clip: Any, scale: float | None, conditions) -> list | None:
+    """The caption of every image to draw when CLIP guidance is on (None when off), or a
+    ValueError naming what does not fit."""
+    if clip is None:
+        if scale is not None:
+            raise ValueError(f"clip_guidance_scale={scale} needs a noise-aware CLIP: pass clip=")
+        return None
+    if scale is None:
+        raise ValueError("clip= guides with a scale: pass clip_guidance_scale= too")
+    if "clip_guidance" not in model.capabilities:
+        raise ValueError(
+            f"CLIP guidance is not available for model={model.config_name}: it guides "
+            "text-conditional diffusion models in pixel space"
+        )
+    if not getattr(clip, "noise_aware", False):
+        raise ValueError(
+            "CLIP guidance needs a noise-aware CLIP (model.noise_aware=true, python src/train.py "
+            "experiment=clip_noisy_shapes): this CLIP only reads clean images"
+        )
+    clip.schedule.check_same(model.schedule, "noise-aware CLIP")
+    size = (clip.channels, clip.image_size)
+    if size != (model.channels, model.image_size):
+        raise ValueError(
+            f"the CLIP reads {clip.channels}-channel images of {clip.image_size} px; this model "
+            f"draws {model.channels}-channel images of {model.image_size} px"
+        )
+    return list(conditions["caption"])
+
+
 DEFAULT_STRENGTH = 0.75  # SDEdit's strength when an init_image comes without one
 
 

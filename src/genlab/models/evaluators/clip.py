@@ -45,6 +45,9 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
+from genlab.diffusion.denoiser import broadcast
+from genlab.diffusion.parametrization import q_sample
+from genlab.diffusion.schedules import Schedule, ScheduleName
 from genlab.models.contract import captions_of, check_prompts
 from genlab.utils.images import check_images
 from genlab.utils.lr_schedule import optimizers
@@ -68,6 +71,13 @@ class CLIP(L.LightningModule):
         tokenizer_vocab_size: BPE vocabulary size, at most the text encoder's embedding rows.
         init_temperature: τ at initialisation (0.07 as in CLIP, after Wu et al. 2018); the
             model learns log(1/τ), and the logit scale 1/τ is clamped at 100.
+        noise_aware: GLIDE's noised CLIP (Nichol et al. 2022, §2.3): the image encoder reads
+            x_t and the model time t (a timestep-conditioned encoder such as
+            ``genlab.nn.classifier.NoisyClassifierNet``), trained on images noised at uniformly
+            drawn t of the schedule below (evaluation: t and ε seeded by each item's index);
+            ``guidance_grad`` then gives the gradient that CLIP guidance follows.
+        schedule, num_timesteps, continuous_time, log_snr_shift: that noise schedule, the one
+            of the diffusion models it will guide (``genlab.diffusion.schedules.Schedule``).
     """
 
     capabilities = frozenset()  # the model contract (genlab.models.contract)
@@ -84,6 +94,11 @@ class CLIP(L.LightningModule):
         channels: int = 3,
         tokenizer_vocab_size: int,
         init_temperature: float = 0.07,
+        noise_aware: bool = False,
+        schedule: ScheduleName = "cosine",
+        num_timesteps: int = 1000,
+        continuous_time: bool = False,
+        log_snr_shift: float = 0.0,
     ):
         super().__init__()
         if embed_dim < 1:
@@ -103,6 +118,19 @@ class CLIP(L.LightningModule):
                 f"model.image_encoder ({type(image_encoder).__name__}) must say its feature "
                 "width as an out_dim attribute (e.g. genlab.nn.image_encoder.ImageEncoder)"
             )
+        if noise_aware and not hasattr(image_encoder, "time_embed"):
+            raise ValueError(
+                "model.noise_aware=true needs an image encoder that reads the model time t "
+                "(genlab.nn.classifier.NoisyClassifierNet; experiment=clip_noisy_shapes)"
+            )
+        self.noise_aware = noise_aware
+        self.schedule = (
+            Schedule(
+                schedule, num_timesteps, continuous=continuous_time, log_snr_shift=log_snr_shift
+            )
+            if noise_aware
+            else None
+        )
         self.image_size, self.channels = image_size, channels
         self.tokenizer_vocab_size = tokenizer_vocab_size
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -121,9 +149,63 @@ class CLIP(L.LightningModule):
         """t = 1/τ, at most 100 (§2.5)."""
         return self.log_logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
 
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """I_e: L2-normalised float32 embeddings (B, d_e) of images (B, C, H, W)."""
-        return F.normalize(self.image_projection(self.image_encoder(images)).float(), dim=-1)
+    def embed_images(self, images: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """I_e: L2-normalised embeddings (B, d_e) of images (B, C, H, W), float32 (float64 for
+        float64 images); a noise-aware CLIP reads them as x_t at model times t (None: t = 0)."""
+        if self.noise_aware:
+            if t is None:
+                t = torch.zeros(len(images), device=images.device)
+            features = self.image_encoder(images, t.reshape(-1).expand(len(images)))
+        else:
+            features = self.image_encoder(images)
+        dtype = torch.promote_types(images.dtype, torch.float32)
+        return F.normalize(self.image_projection(features).to(dtype), dim=-1)
+
+    def noised(
+        self, images: torch.Tensor, generators: list[torch.Generator] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x_t, t) of a noise-aware CLIP's training or evaluation batch: t uniform on the
+        schedule and x_t = √ᾱ x + √(1-ᾱ) ε, from the global RNG or one generator per item;
+        (images, None) for a plain CLIP."""
+        if not self.noise_aware:
+            return images, None
+        if generators is None:
+            t = self.schedule.sample_t(len(images), device=self.device)
+            eps = torch.randn(images.shape, device=self.device)
+        else:
+            t = torch.cat([self.schedule.sample_t(1, generator=g) for g in generators])
+            eps = torch.stack([torch.randn(images.shape[1:], generator=g) for g in generators])
+            t, eps = t.to(self.device), eps.to(self.device)
+        alpha_bar = broadcast(self.schedule.alpha_bar(t), images)
+        return q_sample(images.float(), eps, alpha_bar), t
+
+    def guidance_grad(
+        self, texts: list[str]
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``grad(x_t, t)`` = ∇_{x_t} f(x_t, t) · g(c) per row, the cosine of the noisy image's
+        and its text's embeddings: what CLIP guidance follows (GLIDE, Nichol et al. 2022, §2.3),
+        shaped like x_t, one text per row. Needs a noise-aware CLIP. Eval mode, float32 without
+        autocast (float64 for float64 inputs), autograd on inside ``no_grad`` sampling loops."""
+        if not self.noise_aware:
+            raise ValueError(
+                "CLIP guidance needs a noise-aware CLIP (model.noise_aware=true, python "
+                "src/train.py experiment=clip_noisy_shapes): this CLIP only reads clean images"
+            )
+        text_emb = self.encode_texts(list(texts))  # (B, d_e), checked prompts
+        self.eval()
+
+        def grad(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if len(x_t) != len(text_emb):
+                raise ValueError(f"CLIP guidance: {len(x_t)} images for {len(text_emb)} texts")
+            dtype = torch.promote_types(x_t.dtype, torch.float32)
+            with torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
+                x = x_t.detach().to(self.device, dtype).requires_grad_(True)
+                times = torch.as_tensor(t, device=self.device).reshape(-1).expand(len(x))
+                similarity = (self.embed_images(x, times) * text_emb.to(dtype)).sum()
+                (g,) = torch.autograd.grad(similarity, x)  # rows are independent: sum is fine
+            return g.to(x_t.device, x_t.dtype)
+
+        return grad
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """T_e: L2-normalised float32 embeddings (B, d_e); long texts are truncated."""
@@ -210,7 +292,8 @@ class CLIP(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         captions = captions_of(batch)
-        image_emb, text_emb = self.embed_images(batch["image"]), self.embed_texts(captions)
+        x, t = self.noised(batch["image"])
+        image_emb, text_emb = self.embed_images(x, t), self.embed_texts(captions)
         ids = caption_ids(captions).to(self.device)
         if self.trainer.world_size > 1:  # negatives from every rank's batch, as CLIP does
             image_emb = self.all_gather(image_emb, sync_grads=True).flatten(0, 1)  # (W·B, d_e)
@@ -236,8 +319,10 @@ class CLIP(L.LightningModule):
     # evaluation: over the whole split, in float32
     def evaluation_update(self, stage: str, batch: dict[str, Any]) -> None:
         captions = captions_of(batch)
+        gens = [torch.Generator().manual_seed(int(i)) for i in batch["index"]]
+        x, t = self.noised(batch["image"].float(), gens if self.noise_aware else None)
         with torch.autocast(self.device.type, enabled=False):
-            image_emb = self.embed_images(batch["image"].float())
+            image_emb = self.embed_images(x.float(), t)
             text_emb = self.embed_texts(captions)
         ids = caption_ids(captions).to(self.device)
         self.metrics[stage].update(image_emb, text_emb, ids, batch["index"], self.logit_scale())
