@@ -35,6 +35,11 @@ MANDATORY = {
     ("model", "dalle"): ["model.tokenizer_ckpt=dvae.ckpt"],
     ("experiment", "dalle_shapes"): ["model.tokenizer_ckpt=dvae.ckpt"],
     ("experiment", "dalle_coco"): ["model.tokenizer_ckpt=dvae.ckpt"],
+    ("model", "vq_prior"): ["model.tokenizer_ckpt=vqgan.ckpt"],
+    ("experiment", "vq_prior_shapes"): ["model.tokenizer_ckpt=vqgan.ckpt"],
+    ("experiment", "vq_prior_shapes_label"): ["model.tokenizer_ckpt=vqgan.ckpt"],
+    ("experiment", "vq_prior_cifar10"): ["model.tokenizer_ckpt=vqgan.ckpt"],
+    ("experiment", "vq_prior_coco"): ["model.tokenizer_ckpt=vqgan.ckpt"],
     ("model", "imagen_sr"): ["model.conditioners.low_res.low_res_size=16"],
     ("model", "imagen_cascade"): ["model.stages=[base.ckpt,sr.ckpt]"],
     ("model", "unclip"): ["model.prior_ckpt=prior.ckpt", "model.decoder_ckpt=decoder.ckpt"],
@@ -43,6 +48,7 @@ MANDATORY = {
 FROZEN_PART = {
     "ldm": ("space.first_stage_ckpt", "vae"),
     "dalle": ("tokenizer_ckpt", "dvae"),
+    "vq_prior": ("tokenizer_ckpt", "vqgan"),
     "unclip_prior": ("clip_ckpt", "clip"),
     "unclip_decoder": ("conditioners.image_embed.clip_ckpt", "clip"),
 }
@@ -128,7 +134,7 @@ NOT_GENERATIVE = {
     "clip",
     "unclip_prior",
 }  # evaluators, guides, priors
-FIRST_STAGES = {"vqgan", "vqvae", "dvae"}  # reconstruct; the VAEs also generate
+FIRST_STAGES = {"vqgan", "vqvae", "dvae", "ae", "dae"}  # reconstruct; the VAEs also generate
 
 
 # built from trained stages' checkpoints: tests/test_imagen.py, tests/test_unclip.py
@@ -172,13 +178,16 @@ def test_every_sampler_config_reaches_the_model(sampler: str, tmp_path: Path) ->
 
 @pytest.mark.parametrize("net", options("model/net"))
 def test_every_network_preset_instantiates(net: str, tmp_path: Path) -> None:
-    model = "dalle" if net.startswith("gpt") else "ddpm"  # Transformers are DALL-E's
+    # Transformers are DALL-E's (and the VQ prior's), the PixelCNN the VQ prior's
+    model = {"gpt": "dalle", "pix": "vq_prior"}.get(net[:3], "ddpm")
     overrides = [f"model={model}", f"model/net={net}", *MANDATORY.get(("model", model), [])]
     cfg = compose_cfg("train.yaml", overrides, tmp_path)
     validate_config(cfg, train_entry.TOP_LEVEL)
     network = instantiate(OmegaConf.to_container(cfg.model.net, resolve=True))
     if model == "dalle":  # a partial: the model fills in the vocabulary and the token grid
         network = network(vocab_size=64, text_length=8, grid=4)
+    if model == "vq_prior":  # a partial: the codebook, classes and grid come from the model
+        network = network(num_codes=32, num_classes=1, grid=4)
     assert sum(p.numel() for p in network.parameters()) > 0
 
 
