@@ -38,8 +38,18 @@ class ModelConfigInCheckpoint(L.Callback):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file onto the CPU, with a clear error when it is missing or foreign."""
+    """Load a checkpoint file onto the CPU, with a clear error when it is missing or foreign; an
+    exported folder (``src/export.py``, :mod:`genlab.utils.export`) reads as one."""
+    from genlab.utils.export import is_export, read_export
+
     path = Path(path)
+    if is_export(path):
+        return read_export(path)
+    if path.is_dir():
+        raise ValueError(
+            f"ckpt_path={str(path)!r} is a folder but not a genlab export (no genlab.json and "
+            "model.safetensors): give a .ckpt file or an exported folder"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(path)!r}: no such checkpoint file")
     try:
@@ -97,7 +107,7 @@ def load_frozen(
         FileNotFoundError: no such file.
         ValueError: the checkpoint holds a module without one of ``needs``.
     """
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"{key}={str(path)!r}: no such file. Train one first or {hint}")
     module = load(path)
     for attr in needs:
