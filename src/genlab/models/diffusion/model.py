@@ -528,10 +528,12 @@ class DiffusionModel(L.LightningModule):
         chunks = []
         for start in range(0, rows, self.sample_batch_size):
             part = slice(start, start + self.sample_batch_size)
+            # classifier-free guidance, a gradient guide, thresholding (of the guided x̂0), inpainting
+            gradient_guided = classifier is not None or clip_captions is not None
             denoiser = self.sampling_denoiser(
                 take(conditions, part),
                 guidance_scale=options.guidance_scale,
-                thresholding=options.thresholding,
+                thresholding="none" if gradient_guided else options.thresholding,
                 negative=None if negatives is None else negatives[part],
             )
             if classifier is not None:
@@ -540,6 +542,8 @@ class DiffusionModel(L.LightningModule):
             if clip_captions is not None:
                 guide = clip.guidance_grad(clip_captions[part])
                 denoiser = classifier_guidance(denoiser, guide, clip_guidance_scale)
+            if gradient_guided:
+                denoiser = thresholded(denoiser, options.thresholding, self.threshold_percentile)
             if known is not None:
                 part_known = known_x0[part] if len(known_x0) > 1 else known_x0
                 denoiser = inpainting(denoiser, part_known, known_mask)
