@@ -68,6 +68,8 @@ def test_only_adds_what_a_family_builds_on() -> None:
         "dvae",
         "vqgan",
         "vqvae",
+        "ae",
+        "dae",
     }
     with pytest.raises(SystemExit, match="not a family"):
         board.select_models("nope")
