@@ -157,7 +157,7 @@ def test_first_stage_stays_frozen_and_out_of_the_checkpoint(vqgan, tmp_path) -> 
         tiny_prior(vqgan, TINY_GPT, "data.resolution=32")
 
 
-@pytest.mark.parametrize("net", ["pixelcnn", "gpt"])
+@pytest.mark.parametrize("net", [pytest.param("pixelcnn", marks=pytest.mark.slow), "gpt"])
 def test_prior_trains_through_train_py_and_beats_the_uniform_prior(vqgan, net, tmp_path) -> None:
     """A few hundred steps on shapes through train.py: test bits per code below log2 K; then
     sample.py (labels of a scene-derived class) and eval.py on the checkpoint."""
