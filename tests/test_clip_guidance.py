@@ -1,6 +1,6 @@
 """GLIDE's CLIP guidance: the noise-aware CLIP (trained on x_t, evaluated with t seeded by item),
 its guidance gradient against finite differences, the ε shift it makes in generate(), what is
-refused, and sample.py with a tiny DDPM and a tiny noise-aware CLIP made by the test."""
+refused, and sample.py with a tiny DDPM and a tiny noise-aware CLIP trained by its recipe through train.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from conftest import (
     CLIP_TINY,
     TINY_BPE,
     TINY_DATA,
+    TINY_TRAINER,
     TINY_UNET,
     check_ok,
     compose_model,
@@ -23,7 +24,6 @@ from conftest import (
 )
 from genlab.data.tokenizer import BPETokenizer
 from genlab.diffusion.guidance import classifier_guidance
-from genlab.utils.checkpoint import ModelConfigInCheckpoint
 from genlab.utils.instantiate import instantiate
 
 NOISY_CLIP = [
@@ -41,17 +41,19 @@ def tiny_noisy_clip(*overrides: str):
 
 @pytest.fixture(scope="module")
 def noisy_clip(tmp_path_factory) -> Path:
-    """A tiny noise-aware CLIP trained a few steps through Lightning and saved with its config."""
-    config = compose_model(NOISY_CLIP)
-    model = instantiate(config)
+    """A tiny noise-aware CLIP trained a few steps by its recipe through train.py."""
     folder = tmp_path_factory.mktemp("noisy_clip")
-    trainer = quiet_trainer(
-        folder, max_steps=3, limit_val_batches=1, callbacks=[ModelConfigInCheckpoint(config)]
+    result = run_entry(
+        "train.py",
+        *NOISY_CLIP,
+        *TINY_TRAINER,
+        "trainer.max_steps=3",
+        "data.batch_size=16",
+        f"hydra.run.dir={folder / 'run'}",
+        tmp_path=folder,
     )
-    trainer.fit(model, datamodule=shapes_data(16))
-    path = folder / "clip.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    check_ok(result)
+    return folder / "run" / "checkpoints" / "last.ckpt"
 
 
 def test_guidance_gradient_equals_finite_differences() -> None:
