@@ -39,6 +39,7 @@ MANDATORY = {
     ("experiment", "vq_prior_shapes"): ["model.tokenizer_ckpt=vqgan.ckpt"],
     ("experiment", "vq_prior_shapes_label"): ["model.tokenizer_ckpt=vqgan.ckpt"],
     ("experiment", "vq_prior_cifar10"): ["model.tokenizer_ckpt=vqgan.ckpt"],
+    ("experiment", "vq_prior_mnist"): ["model.tokenizer_ckpt=vqgan.ckpt"],
     ("experiment", "vq_prior_coco"): ["model.tokenizer_ckpt=vqgan.ckpt"],
     ("model", "imagen_sr"): ["model.conditioners.low_res.low_res_size=16"],
     ("model", "imagen_cascade"): ["model.stages=[base.ckpt,sr.ckpt]"],
