@@ -23,6 +23,7 @@ from conftest import (
     run_entry,
     shapes_data,
 )
+from genlab.models.autoregressive.codes import draw_token
 from genlab.models.autoregressive.vq_prior import VQPrior
 from genlab.nn.pixelcnn import GatedPixelCNN
 from genlab.utils.instantiate import instantiate
@@ -128,7 +129,7 @@ def test_label_prior_guidance_and_bad_requests(vqgan) -> None:
     mixed = null[:, 0] + 3.0 * (cond[:, 0] - null[:, 0])
     opts = {"guidance_scale": 3.0, "temperature": 0.0, "top_k": 0, "top_p": 1.0}
     both = torch.cat([cond[:, 0], null[:, 0]])
-    assert torch.equal(prior.draw(both, None, opts, True), mixed.argmax(-1))
+    assert torch.equal(draw_token(both, None, opts, True), mixed.argmax(-1))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
         prior.generate(labels=[3])
     with pytest.raises(ValueError, match="not prompts"):

@@ -48,7 +48,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
-from genlab.models.autoregressive.codes import FROZEN_KEY, check_code_stage, load_code_stage
+from genlab.models.autoregressive.codes import (
+    FROZEN_KEY,
+    check_code_stage,
+    check_token_options,
+    decode_stream,
+    load_code_stage,
+    sample_logits,  # noqa: F401  (genlab.models.autoregressive.dalle.sample_logits, as before)
+)
 from genlab.models.contract import SamplingOptions, captions_of, check_prompts
 from genlab.nn.ema import EMA
 from genlab.nn.transformer import DalleTransformer
@@ -388,77 +395,15 @@ class DALLE(L.LightningModule):
         guided = opts["guidance_scale"] != 1.0
         if guided:  # the unconditional stream rides along in the same batch
             text = torch.cat([text, self.text_tokens([""] * len(texts))])  # (2B, L)
-        n = self.grid * self.grid
-        out = torch.empty(len(texts), n, dtype=torch.long, device=self.device)
-        cache = net.new_cache() if use_cache else None
-        stream, logits = text, net(text, cache)[:, -1]  # the last text position's prediction
-        for i in range(n):
-            token = self.draw(logits[:, self.image_offset :].float(), generator, opts, guided)
-            out[:, i] = token
-            if i == n - 1:
-                break
-            new = (token + self.image_offset)[:, None].repeat(2 if guided else 1, 1)  # (B', 1)
-            if use_cache:
-                logits = net(new, cache)[:, -1]
-            else:
-                stream = torch.cat([stream, new], dim=1)
-                logits = net(stream)[:, -1]
-        return out
-
-    def draw(self, logits, generator, opts: dict, guided: bool) -> torch.Tensor:
-        """One token per sequence from image-code logits (B' , K), guided and filtered."""
-        if guided:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + opts["guidance_scale"] * (cond - uncond)
-        return sample_logits(
-            logits,
-            generator,
-            temperature=opts["temperature"],
-            top_k=opts["top_k"],
-            top_p=opts["top_p"],
+        return decode_stream(
+            net, text, self.grid * self.grid, self.image_offset, generator, opts, guided, use_cache
         )
 
 
 # ----------------------------------------------------------------------------------------------
-def sample_logits(
-    logits: torch.Tensor,
-    generator: torch.Generator | None = None,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-) -> torch.Tensor:
-    """One index per row of ``logits`` (B, K): softmax(logits / temperature) restricted to the
-    ``top_k`` largest (0: all) and then to the smallest set whose mass reaches ``top_p``
-    (Holtzman et al. 2020; the most likely token always stays), sampled by inverting the CDF at a
-    uniform draw from ``generator``. Temperature 0 is greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = logits.softmax(dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    cdf = probs.cumsum(dim=-1)  # (B, K), unnormalised after filtering
-    device = generator.device if generator is not None else probs.device
-    u = torch.rand(len(probs), 1, generator=generator, device=device).to(probs.device)
-    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return index.squeeze(1).clamp(max=probs.shape[-1] - 1)
-
-
 def check_sampling(opts: dict[str, Any], *, reranks: bool) -> None:
     """Sampling settings in range, with a message naming the setting."""
-    if opts["temperature"] < 0:
-        raise ValueError(f"temperature={opts['temperature']} must be >= 0 (0: greedy)")
-    if opts["top_k"] < 0:
-        raise ValueError(f"top_k={opts['top_k']} must be >= 0 (0: off)")
-    if not 0.0 < opts["top_p"] <= 1.0:
-        raise ValueError(f"top_p={opts['top_p']} must be in (0, 1] (1: off)")
+    check_token_options(opts)
     if opts["keep"] < 1 or opts["n_candidates"] < opts["keep"]:
         raise ValueError(
             f"keep={opts['keep']} and n_candidates={opts['n_candidates']}: need "

@@ -34,8 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlab.models.autoregressive.codes import FROZEN_KEY, check_code_stage, load_code_stage
-from genlab.models.autoregressive.dalle import sample_logits
+from genlab.models.autoregressive.codes import (
+    FROZEN_KEY,
+    check_code_stage,
+    check_token_options,
+    decode_stream,
+    draw_token,
+    load_code_stage,
+)
 from genlab.models.contract import SamplingOptions
 from genlab.nn.ema import EMA
 from genlab.nn.pixelcnn import GatedPixelCNN
@@ -113,7 +119,7 @@ class VQPrior(L.LightningModule):
         self.guidance_scale, self.temperature = guidance_scale, temperature
         self.top_k, self.top_p = top_k, top_p
         self.sample_batch_size = sample_batch_size
-        check_options(self.resolve_options({}))
+        check_token_options(self.resolve_options({}))
 
     # ------------------------------------------------------------------------------------------
     # the frozen first stage
@@ -254,7 +260,7 @@ class VQPrior(L.LightningModule):
             raise ValueError("a VQ prior takes labels= or n=, not prompts (text: model=dalle)")
         given = {"guidance_scale": guidance_scale, "temperature": temperature}
         opts = self.resolve_options(given | {"top_k": top_k, "top_p": top_p})
-        check_options(opts)
+        check_token_options(opts)
         classes = self.classes_for(labels, n, generator)
         guided = self.condition == "label" and opts["guidance_scale"] != 1.0
         codes = torch.cat(
@@ -293,43 +299,9 @@ class VQPrior(L.LightningModule):
                 both = out.repeat(2, 1) if guided else out
                 grid = both.view(-1, self.grid, self.grid)
                 logits = net(grid, classes)[:, :, i // self.grid, i % self.grid]  # (B', K)
-                out[:, i] = self.draw(logits.float(), generator, opts, guided)
+                out[:, i] = draw_token(logits.float(), generator, opts, guided)
             return out.view(b, self.grid, self.grid)
-        cache = net.new_cache() if use_cache else None
-        stream = classes[:, None]
-        logits = net(stream, cache)[:, -1]
-        for i in range(n):
-            token = self.draw(logits[:, self.code_offset :].float(), generator, opts, guided)
-            out[:, i] = token
-            if i == n - 1:
-                break
-            new = (token + self.code_offset)[:, None].repeat(2 if guided else 1, 1)
-            if use_cache:
-                logits = net(new, cache)[:, -1]
-            else:
-                stream = torch.cat([stream, new], dim=1)
-                logits = net(stream)[:, -1]
-        return out.view(b, self.grid, self.grid)
-
-    @staticmethod
-    def draw(logits, generator, opts: dict, guided: bool) -> torch.Tensor:
-        if guided:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + opts["guidance_scale"] * (cond - uncond)
-        return sample_logits(
-            logits,
-            generator,
-            temperature=opts["temperature"],
-            top_k=opts["top_k"],
-            top_p=opts["top_p"],
+        codes = decode_stream(
+            net, classes[:, None], n, self.code_offset, generator, opts, guided, use_cache
         )
-
-
-def check_options(opts: dict[str, Any]) -> None:
-    """Sampling settings in range, with a message naming the setting."""
-    if opts["temperature"] < 0:
-        raise ValueError(f"temperature={opts['temperature']} must be >= 0 (0: greedy)")
-    if opts["top_k"] < 0:
-        raise ValueError(f"top_k={opts['top_k']} must be >= 0 (0: off)")
-    if not 0.0 < opts["top_p"] <= 1.0:
-        raise ValueError(f"top_p={opts['top_p']} must be in (0, 1] (1: off)")
+        return codes.view(b, self.grid, self.grid)
