@@ -22,9 +22,12 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
+from genlab.evaluation.verdicts import verdicts
 from genlab.models.contract import capabilities, resolve_sampling
+from genlab.utils import progress
 from genlab.utils.checkpoint import load
 from genlab.utils.frozen_parts import build_missing_parts
+from genlab.utils.gallery import gallery_section, write_gallery
 from genlab.utils.images import save_image_grid
 from genlab.utils.instantiate import instantiate
 from genlab.utils.rank_logging import RankedLogger
@@ -81,6 +84,9 @@ TOP_LEVEL = {
     "device": str,
     "out": str,
     "cell": int | None,
+    "gallery": bool | str | None,
+    "oracle_ckpt": str | None,
+    "progress": bool,
 }
 
 
@@ -95,6 +101,7 @@ def sample(cfg: DictConfig) -> TaskResult:
     device = (
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
+    progress.disable(not cfg.get("progress", True))
     model = load_model(cfg, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     options = {key: cfg[key] for key in SAMPLING_KEYS if cfg.get(key) is not None}
@@ -142,7 +149,8 @@ def sample(cfg: DictConfig) -> TaskResult:
         method, sources = from_images
         log.info(f"{method}: {len(sources)} image(s), n={cfg.n}")
         draw = model.variations if method == "variations" else model.interpolate
-        drawn = draw(sources, n=cfg.n, generator=generator, **options)
+        with progress.bar(f"{method}: {len(sources)} image(s), n={cfg.n}"):
+            drawn = draw(sources, n=cfg.n, generator=generator, **options)
         if method == "variations":  # each source image, then its n variations
             rows = [
                 torch.cat([src[None], drawn[i * cfg.n : (i + 1) * cfg.n]])
@@ -152,19 +160,45 @@ def sample(cfg: DictConfig) -> TaskResult:
         else:  # the two images at the ends of the interpolation
             images, nrow = torch.cat([sources[:1], drawn, sources[1:]]), cfg.n + 2
         save_image_grid(images, out, nrow=nrow, cell=cfg.cell)
+        captions = None
     else:
         log.info(f"drawing {cfg.n} image(s) per prompt for {len(prompts or [None])} prompt(s)")
-        images = model.generate(prompts, n=cfg.n, generator=generator, **options)
+        count = cfg.n * len(prompts or [None])
+        with progress.bar(f"sampling {count} image(s)"):
+            images = model.generate(prompts, n=cfg.n, generator=generator, **options)
         captions = None if not prompts else [p for p in prompts for _ in range(cfg.n)]
         save_image_grid(
             images, out, nrow=cfg.n if prompts else None, cell=cfg.cell, captions=captions
         )
     if prompts:
         out.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+    if cfg.get("gallery"):
+        write_sample_gallery(cfg, images, captions, device)
     weights = "EMA" if model.uses_ema else "raw"
     log.info(f"{len(images)} images ({weights} weights) written to {out}")
     print(f"samples written to {out}")
     return {}, {"cfg": cfg, "model": model, "images": images}
+
+
+def write_sample_gallery(cfg: DictConfig, images: torch.Tensor, captions, device: str) -> None:
+    """The HTML gallery of the drawn images at ``cfg.gallery``, with ``oracle_ckpt``'s verdict on
+    each image for its prompt when one is given (and the prompts are captions it reads)."""
+    judged = None
+    if cfg.get("oracle_ckpt"):
+        if not captions:
+            raise ValueError("oracle_ckpt: the oracle judges images against prompts; give prompt=")
+        oracle = load(cfg.oracle_ckpt, map_location=device)
+        judged = verdicts(oracle, images, captions)
+        if judged is None:
+            log.warning(f"oracle_ckpt={cfg.oracle_ckpt}: it does not read these prompts")
+    title = f"{len(images)} samples from {cfg.get('ckpt_path') or 'the assembled model'}"
+    note = f"seed {cfg.seed}; grid: {cfg.out}" + ("; verdicts by the oracle" if judged else "")
+    section = gallery_section(
+        images, title=title, captions=captions, verdicts=judged, note=note, cell=cfg.cell or 128
+    )
+    path = cfg.gallery if isinstance(cfg.gallery, str) else Path(cfg.out).parent / "gallery.html"
+    path = write_gallery(path, [section], title="genlab samples")
+    print(f"gallery written to {path}")
 
 
 INPUTS = {  # generate() inputs other than sampling options, and the capability each needs

@@ -15,7 +15,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from genlab.data.splits import split_dataset
 from genlab.diffusion.samplers import Sampler
 from genlab.evaluation.protocol import generates, reconstructs, weights_of
+from genlab.evaluation.verdicts import verdicts
 from genlab.models.contract import resolve_sampling
+from genlab.utils.gallery import gallery_section, write_gallery
 from genlab.utils.images import grid_to_pil, save_image_grid
 from genlab.utils.rank_logging import RankedLogger
 
@@ -59,6 +61,10 @@ class SampleGrid(L.Callback):
         cell: pixels a side of every image in the saved and logged grids, reached by an integer
             nearest-neighbour upscale, with each image's prompt (or class name) written under
             it; None: the native grid (exact pixels, no captions).
+        gallery: also write ``samples/gallery.html``, a page for people with every sample grid
+            of the run (newest first): each image upscaled to ``cell`` (or 128) pixels with its
+            prompt and, where the run has an oracle (the shapes oracle of the generative-metrics
+            callback), the oracle's verdict (:mod:`genlab.evaluation.verdicts`).
     """
 
     def __init__(
@@ -73,6 +79,7 @@ class SampleGrid(L.Callback):
         guidance_scale: float | None = None,
         nrow: int | None = None,
         cell: int | None = None,
+        gallery: bool = True,
     ) -> None:
         if cell is not None and cell < 1:
             raise ValueError(f"callbacks.sample_grid.cell={cell}: pixels >= 1, or null (native)")
@@ -91,6 +98,8 @@ class SampleGrid(L.Callback):
         self.recon_originals: torch.Tensor | None = None
         self.inputs: dict[str, Any] | None = None
         self.grid_text: list[str] | None = None
+        self.gallery = gallery
+        self.gallery_sections: list[str] = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
@@ -117,6 +126,8 @@ class SampleGrid(L.Callback):
             return
         samples_dir = Path(self.output_dir or trainer.default_root_dir, "samples")
         step = trainer.global_step
+        weights = weights_of(pl_module).replace("raw", "raw (no EMA)")
+        caption = f"step {step}, {weights} weights, {self.describe(pl_module)}, seed {self.seed}"
         if self.last_grid is not None and self.last_grid[0] == step:
             grid = self.last_grid[1]  # the final weights were already drawn at this step
             grid_to_pil(grid).save(samples_dir / f"{name}.png")
@@ -130,12 +141,34 @@ class SampleGrid(L.Callback):
                 captions=self.grid_text,
             )
             self.last_grid = (step, grid)
-        weights = weights_of(pl_module).replace("raw", "raw (no EMA)")
-        caption = f"step {step}, {weights} weights, {self.describe(pl_module)}, seed {self.seed}"
+            if self.gallery:
+                self.add_to_gallery(trainer, samples_dir, images, f"{name}.png: {caption}")
         log.info(f"sample grid {samples_dir / name}.png: {caption}")
         log_grid(trainer, key, grid, step, caption)
         if self.grid_text and not (samples_dir / "prompts.txt").exists():
             (samples_dir / "prompts.txt").write_text("\n".join(self.grid_text) + "\n")
+
+    def add_to_gallery(
+        self, trainer: L.Trainer, samples_dir: Path, images: torch.Tensor, title: str
+    ) -> None:
+        """Put this grid's images on top of ``samples/gallery.html`` (with the oracle's
+        verdicts when the run has an oracle and the prompts are captions it reads)."""
+        prompts = self.inputs.get("prompts") if self.inputs else None
+        judged = verdicts(run_oracle(trainer), images, prompts) if prompts else None
+        note = "oracle verdicts by the shapes oracle" if judged else None
+        section = gallery_section(
+            images,
+            title=title,
+            captions=self.grid_text,
+            verdicts=judged,
+            note=note,
+            cell=self.cell or 128,
+        )
+        self.gallery_sections.insert(0, section)
+        path = write_gallery(
+            samples_dir / "gallery.html", self.gallery_sections, title="genlab samples"
+        )
+        log.info(f"gallery {path}")
 
     def describe(self, pl_module: L.LightningModule) -> str:
         """How the grids are sampled, as the model resolves it (``sampling_options``: sampler
@@ -242,6 +275,16 @@ class SampleGrid(L.Callback):
                 return pl_module.reconstruct(images.to(pl_module.device)).float().cpu()
         finally:
             pl_module.train(was_training)
+
+
+def run_oracle(trainer: L.Trainer):
+    """The oracle a callback of this run has loaded (the generative-metrics callback's
+    ``tools``), or None; nothing is loaded here."""
+    for callback in trainer.callbacks:
+        tools = getattr(callback, "tools", None)
+        if isinstance(tools, dict) and tools.get("oracle") is not None:
+            return tools["oracle"]
+    return None
 
 
 def interleave_rows(originals: torch.Tensor, reconstructions: torch.Tensor, columns: int):

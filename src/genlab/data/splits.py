@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from genlab.metrics.feature_bank import FeatureBank
+from genlab.utils import progress
 
 
 def split_dataset(datamodule: Any, split: str) -> Dataset:
@@ -47,8 +48,10 @@ def extract_split(
     batch_size: int,
     device: torch.device | str,
     num_workers: int = 0,
+    description: str = "features",
 ) -> torch.Tensor:
-    """Features of items ``0..n-1``: each rank its shard, gathered in item order."""
+    """Features of items ``0..n-1``: each rank its shard, gathered in item order (a progress
+    bar named ``description`` on rank zero at a terminal: :mod:`genlab.utils.progress`)."""
     if n < world_size:  # a rank without items would hang the gather (empty cat states)
         raise ValueError(f"{n} reference images cannot be shared by {world_size} ranks")
     bank = FeatureBank().to(device)
@@ -56,9 +59,11 @@ def extract_split(
     subset = Subset(dataset, indices)
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     start = 0
-    for batch in loader:
-        images = batch["image"]
-        index = torch.tensor(indices[start : start + len(images)], device=device)
-        bank.update(extract(images.to(device)).to(device), index)
-        start += len(images)
+    with progress.bar(description, total=len(indices)) as bar:
+        for batch in loader:
+            images = batch["image"]
+            index = torch.tensor(indices[start : start + len(images)], device=device)
+            bank.update(extract(images.to(device)).to(device), index)
+            start += len(images)
+            bar.advance(len(images))
     return bank.compute().float().cpu()

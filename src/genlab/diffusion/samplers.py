@@ -21,6 +21,7 @@ import torch
 
 from genlab.diffusion.denoiser import Denoiser, DenoiserOutput
 from genlab.diffusion.schedules import Spacing
+from genlab.utils import progress
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "heun"]
 Variance = Literal["small", "large", "learned"]
@@ -42,7 +43,7 @@ def levels(denoiser: Denoiser, timesteps: torch.Tensor) -> Iterator[tuple[float,
     """(t, ᾱ_t, ᾱ_next) per step as Python floats (float64), ᾱ_next = 1 after the last."""
     ts = timesteps.double().cpu()
     alpha_bar = denoiser.schedule.alpha_bar(ts).tolist()
-    for i, t in enumerate(ts.tolist()):
+    for i, t in enumerate(progress.steps(ts.tolist(), "denoising steps")):
         yield t, alpha_bar[i], alpha_bar[i + 1] if i + 1 < len(ts) else 1.0
 
 

@@ -26,6 +26,7 @@ from genlab.metrics.kid import KID, subset_size_for
 from genlab.metrics.precision_recall import PrecisionRecall
 from genlab.metrics.reconstruction import ReconstructionMetrics
 from genlab.metrics.text_image import CaptionAccuracy, CLIPScore
+from genlab.utils import progress
 from genlab.utils.images import check_images
 from genlab.utils.rank_logging import RankedLogger
 
@@ -112,6 +113,15 @@ def update_metrics(metrics, tools, images, items: range, conditions, device) -> 
         )
 
 
+def update(metrics, tools, images, items, conditions, device, originals, count) -> None:
+    """Check one chunk of images and add it to every metric and to the image count."""
+    check_images(images, name="generated images" if originals is None else "reconstructions")
+    update_metrics(metrics, tools, images, items, conditions, device)
+    if originals is not None:
+        metrics["reconstruction"].update(images.to(device), originals(items).to(device))
+    count.update(torch.tensor(float(len(items)), device=device))
+
+
 def measure(
     source: Callable[[range], torch.Tensor],
     n: int,
@@ -154,17 +164,19 @@ def measure(
         f"{', '.join(metrics)} of {n} {what} ({world_size} process(es), chunks of {batch_size})"
     )
     start, done = time.monotonic(), 0
-    for items in chunks_of(rank, world_size, n, batch_size):
-        images = source(items)
-        check_images(images, name="generated images" if originals is None else "reconstructions")
-        update_metrics(metrics, tools, images, items, conditions, device)
-        if originals is not None:
-            metrics["reconstruction"].update(images.to(device), originals(items).to(device))
-        count.update(torch.tensor(float(len(items)), device=device))
-        done += len(items)
-        if done == len(items) and done * world_size < n:  # after the first chunk: how long
-            left = (time.monotonic() - start) * (n / (done * world_size) - 1)
-            log.info(f"  {done} of {n // world_size} {what} on this rank; about {left:.0f} s left")
+    mine = chunks_of(rank, world_size, n, batch_size)
+    shown = progress.bar(f"{what} for {', '.join(metrics)}", total=sum(map(len, mine)))
+    with shown as bar:
+        for items in mine:
+            images = source(items)
+            update(metrics, tools, images, items, conditions, device, originals, count)
+            done += len(items)
+            bar.advance(len(items))
+            if done == len(items) and done * world_size < n:  # after the first chunk: how long
+                left = (time.monotonic() - start) * (n / (done * world_size) - 1)
+                log.info(
+                    f"  {done} of {n // world_size} {what} on this rank; about {left:.0f} s left"
+                )
     total = int(count.compute().item())
     if total != n:
         raise RuntimeError(f"generated {total} images over all ranks, expected exactly {n}")

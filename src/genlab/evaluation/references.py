@@ -78,7 +78,10 @@ def reference_features(
             "reference features of %s/%s: cache hit %s", data.get("dataset", data), split, path
         )
         return cached["features"], description
-    features = extract_split(dataset, n, extract, rank, world_size, batch_size, device)
+    what = f"reference features ({extractor.get('extractor')}) of {split}"
+    features = extract_split(
+        dataset, n, extract, rank, world_size, batch_size, device, description=what
+    )
     if path is not None and rank == 0:
         payload = {"features": features, "description": json.dumps(description)}
         atomic_torch_save(payload, path, stream=True)

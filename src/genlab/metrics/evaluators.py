@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from genlab.utils import progress
 from genlab.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def build(path: Path, recipe: list[str], *, name: str) -> None:
     run_dir.mkdir(parents=True)
     start = time.monotonic()
     with open(run_dir / "build.log", "w") as out:
-        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True)
+        result = run_with_spinner(command, out, f"building the {name} evaluator")
     made = run_dir / "checkpoints" / "last.ckpt"
     if result.returncode != 0 or not made.is_file():
         tail = (run_dir / "build.log").read_text()[-3000:]
@@ -151,6 +152,16 @@ def build(path: Path, recipe: list[str], *, name: str) -> None:
     }
     path.with_name(path.name + ".json").write_text(json.dumps(info, indent=2) + "\n")
     log.warning("%s: built %s in %.0f s", name, path, info["seconds"])
+
+
+def run_with_spinner(command: list[str], out, description: str) -> subprocess.CompletedProcess:
+    """Run ``command`` with its output in the file ``out``, under a spinner with the elapsed
+    time at a terminal (:mod:`genlab.utils.progress`: nothing is printed elsewhere)."""
+    with progress.bar(description) as bar:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True)
+        while process.poll() is None:
+            time.sleep(0.5 if bar.shown else 0.1)
+    return subprocess.CompletedProcess(command, process.returncode)
 
 
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks", "MixedPrecision")

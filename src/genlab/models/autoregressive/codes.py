@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from genlab.utils import progress
 from genlab.utils.checkpoint import load_frozen
 from genlab.utils.io import file_version
 
@@ -122,7 +123,7 @@ def decode_stream(
     out = torch.empty(rows, n, dtype=torch.long, device=prefix.device)
     cache = net.new_cache() if use_cache else None
     stream, logits = prefix, net(prefix, cache)[:, -1]  # the last prefix position's prediction
-    for i in range(n):
+    for i in progress.steps(range(n), "tokens"):
         token = draw_token(logits[:, offset:].float(), generator, opts, guided)
         out[:, i] = token
         if i == n - 1:
