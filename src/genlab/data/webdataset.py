@@ -165,13 +165,22 @@ def count_samples(url: str) -> int:
     """The number of samples (distinct keys with an image member) of a local shard, from its
     tar headers alone (an uncompressed tar is read by seeking from header to header)."""
     keys = set()
-    with tarfile.open(local_path(url), "r:*") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            key, ext = sample_key(member.name)
-            if key is not None and ext.lower() in IMAGE_EXTS:
-                keys.add(key)
+    try:
+        with tarfile.open(local_path(url), "r:*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, ext = sample_key(member.name)
+                if key is not None and ext.lower() in IMAGE_EXTS:
+                    keys.add(key)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        log.warning(
+            "%s: a damaged tar (%s: %s); counted its first %d samples",
+            url,
+            type(err).__name__,
+            err,
+            len(keys),
+        )
     return len(keys)
 
 
