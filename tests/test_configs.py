@@ -29,6 +29,7 @@ GROUPS += ["extras", "hydra", "hparams_search"]
 # values that a config leaves mandatory (???) and a user must give
 MANDATORY = {
     ("data", "image_folder"): ["data.root=images"],
+    ("data", "webdataset"): ["data.urls=shards/train-000000.tar"],
     ("model", "ldm"): ["model.space.first_stage_ckpt=vae.ckpt"],
     ("experiment", "ldm_shapes"): ["model.space.first_stage_ckpt=vae.ckpt"],
     ("experiment", "ldm_coco"): ["model.space.first_stage_ckpt=vae.ckpt"],

@@ -12,12 +12,13 @@ from genlab.data.datamodule import GenDataModule
 from genlab.utils.instantiate import locate
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
-NAMES = ["shapes", "digits", "image_folder", "coco", "cifar10", "mnist"]
+NAMES = ["shapes", "digits", "image_folder", "coco", "cifar10", "mnist", "webdataset"]
 FILE_DATASETS = {  # what the error of a missing dataset must tell besides the path
     "image_folder": "Expected layout",
     "coco": "Expected layout",
     "cifar10": "download=true",
     "mnist": "download=true",
+    "webdataset": "Expected layout",
 }
 
 
@@ -26,6 +27,8 @@ def load(name: str, data_dir: Path):
     data = OmegaConf.load(CONF / f"{name}.yaml")
     if name == "image_folder":  # root: ??? (mandatory)
         data.root = "my_images"
+    if name == "webdataset":  # urls: ??? (mandatory)
+        data.urls = "shards/train-{000000..000001}.tar"
     return OmegaConf.create({"paths": {"data_dir": str(data_dir)}, "data": data})
 
 
