@@ -142,6 +142,23 @@ CLIP_OVERRIDES = [  # CLIP scores with a tiny CLIP, built on first use like the 
 TINY = [*TINY_DATA, *TINY_RUN, *TINY_UNET, *TINY_BPE, "sampler.steps=2"]
 
 
+def entry_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of an entry-point run in a test: one torch thread unless set, W&B
+    offline into ``tmp_path``, no HYDRA_FULL_ERROR; ``extra`` variables on top."""
+    env = {
+        "OMP_NUM_THREADS": "1",
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+        "WANDB_SILENT": "true",
+        **extra,
+    }
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
 def run_entry(
     script: str, *overrides: str, tmp_path: Path, timeout: float = 240
 ) -> subprocess.CompletedProcess:
@@ -153,21 +170,11 @@ def run_entry(
     and two threads on a core that another process is using ran 5x slower here (28 s vs 5.7 s
     for a 4-step job).
     """
-    env = {
-        "OMP_NUM_THREADS": "1",
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
-        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
-        "WANDB_SILENT": "true",
-    }
-    env.pop("HYDRA_FULL_ERROR", None)
     start = time.monotonic()
     result = subprocess.run(
         [sys.executable, str(ROOT / "src" / script), *overrides],
         cwd=tmp_path,
-        env=env,
+        env=entry_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=timeout,

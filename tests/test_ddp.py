@@ -4,26 +4,37 @@ run folder (Lightning re-launches the entry point for rank 1 with hydra.run.dir 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ORACLE_OVERRIDES, TINY, check_ok, run_entry
+from conftest import ORACLE_OVERRIDES, ROOT, TINY, check_ok, entry_env, run_entry
 
 
-def test_ddp_cpu_two_processes_one_run_folder(tmp_path: Path) -> None:
-    run_dir = tmp_path / "ddp"
-    log_dir = tmp_path / "logs"  # where a stray second run folder would appear
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tiny default job on 2 gloo processes of one node: (its tmp folder, the result)."""
+    tmp_path = tmp_path_factory.mktemp("ddp_run")
     result = run_entry(
         "train.py",
         *TINY,
         "trainer=ddp_cpu",
-        f"paths.log_dir={log_dir}",
-        f"hydra.run.dir={run_dir}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"hydra.run.dir={tmp_path / 'ddp'}",
         tmp_path=tmp_path,
     )
     check_ok(result)
+    return tmp_path, result
+
+
+def test_ddp_cpu_two_processes_one_run_folder(ddp_run) -> None:
+    tmp_path, result = ddp_run
+    run_dir = tmp_path / "ddp"
+    log_dir = tmp_path / "logs"  # where a stray second run folder would appear
     assert "Starting with 2 processes" in result.stderr + result.stdout
     assert not log_dir.exists(), f"a second run folder: {list(log_dir.rglob('*'))[:5]}"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp"]
@@ -65,3 +76,66 @@ def test_ddp_evaluation_equals_single_process(trained_run: Path, tmp_path: Path)
     assert set(one["metrics"]) >= {"fid", "kid", "is", "precision", "recall", "caption_exact"}
     for name, value in one["metrics"].items():
         assert two["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_equal_two_processes(ddp_run, tmp_path: Path) -> None:
+    """`trainer.num_nodes=2`: two "nodes" of one process each, started by hand on the loopback
+    address with the same GENLAB_RUN_ID, write one run folder (hydra.run.dir is not given: the
+    folder is named by the job, not by each process's clock) whose checkpoint and test metrics
+    equal those of a 2-process single-node run."""
+    single = ddp_run[0] / "ddp"
+    log_dir = tmp_path / "logs"
+    command = [
+        sys.executable,
+        str(ROOT / "src" / "train.py"),
+        *TINY,
+        "trainer=ddp_cpu",
+        "trainer.devices=1",
+        "trainer.num_nodes=2",
+        f"paths.log_dir={log_dir}",
+    ]
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=entry_env(
+                tmp_path,
+                NODE_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                GENLAB_RUN_ID="two-nodes",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+    run_dir = log_dir / "train" / "runs" / "two-nodes"
+    assert [p.name for p in (log_dir / "train" / "runs").iterdir()] == ["two-nodes"]
+    assert (run_dir / "train.log").is_file() and (run_dir / "train_node1.log").is_file()
+    a = torch.load(single / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 4
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    metrics = {}
+    for name, folder in (("single", single), ("nodes", run_dir)):
+        (csv_file,) = folder.rglob("metrics.csv")
+        rows = csv_file.read_text().splitlines()
+        header = rows[0].split(",")
+        tests = [dict(zip(header, r.split(","))) for r in rows[1:] if "test/loss" in header]
+        metrics[name] = {
+            k: float(v) for row in tests for k, v in row.items() if k.startswith("test/") and v
+        }
+    assert metrics["single"] and metrics["single"] == pytest.approx(metrics["nodes"], rel=1e-6)

@@ -264,3 +264,25 @@ def test_view_grid_upscales_by_an_integer_factor_and_writes_captions(tmp_path: P
     assert (strip == 255).float().mean() > 0.5 and (strip < 128).any()
     with pytest.raises(ValueError, match="2 captions for 5 images"):
         save_image_grid(images, tmp_path / "x.png", cell=40, captions=["a", "b"])
+
+
+def test_run_id_names_the_job_not_the_process() -> None:
+    """Every process of a job resolves the same run folder (genlab/utils/resolvers.py)."""
+    from datetime import datetime
+
+    from genlab.utils.resolvers import process_suffix, run_id
+
+    now = datetime(2026, 12, 6, 15, 4, 5)
+    assert run_id({}, now) == "2026-12-06_15-04-05"
+    assert run_id({"GENLAB_RUN_ID": "exp1", "SLURM_JOB_ID": "7"}, now) == "exp1"
+    assert run_id({"SLURM_JOB_ID": "7"}, now) == "slurm-7"
+    assert run_id({"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "2"}, now) == "slurm-7.2"
+    assert run_id({"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "4294967294"}, now) == "slurm-7"  # batch
+    array = {"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "8", "SLURM_ARRAY_TASK_ID": "3"}
+    assert run_id(array, now) == "slurm-8_3"
+    assert run_id({"TORCHELASTIC_RUN_ID": "none"}, now) == "2026-12-06_15-04-05"
+    assert run_id({"TORCHELASTIC_RUN_ID": "abc"}, now) == "torchrun-abc"
+    assert process_suffix({}) == ""
+    assert process_suffix({"NODE_RANK": "1"}) == "_node1"
+    assert process_suffix({"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}) == "_rank3"
+    assert process_suffix({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) == ""
