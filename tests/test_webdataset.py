@@ -408,3 +408,10 @@ def test_ddp_two_processes_two_workers_stream_and_resume(tmp_path):
     assert "resuming the training stream at epoch 0 after its first 2 batches" in (
         result.stdout + result.stderr
     )
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert ckpt["global_step"] == 4 and state["batches"] == 4
+    # 16 samples per worker: its first shard (12) and 4 of its second; a run that had restarted
+    # the epoch would stand at 8 samples ([0, 7])
+    for rank in state["ranks"]:
+        assert rank["at"] == {"0": [1, 3], "1": [1, 3]} and rank["round"] == 0
