@@ -22,7 +22,12 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
 from genlab.evaluation import protocol as proto
-from genlab.evaluation.generation import generate_chunk, sample_conditions, sampling_options
+from genlab.evaluation.generation import (
+    generate_chunk,
+    random_captions,
+    sample_conditions,
+    sampling_options,
+)
 from genlab.evaluation.measure import measure
 from genlab.evaluation.protocol import METRICS, check_options, generates, reconstructs
 from genlab.evaluation.reconstruction import evaluate_real, evaluate_reconstructed
@@ -62,6 +67,17 @@ class GenerativeMetrics(L.Callback):
         oracle_checkpoint, oracle_recipe: the shapes oracle's checkpoint and the ``train.py``
             overrides that build it when missing (None: never build).
         clip_checkpoint, clip_recipe: the same for CLIP (None checkpoint: no CLIP score).
+        clip_model: a pretrained Hugging Face CLIP (a local folder written by
+            ``save_pretrained``, or a Hub name in the local cache) for the CLIP score instead of
+            genlab's own (:mod:`genlab.metrics.pretrained_clip`); None: ``clip_checkpoint``.
+        clip_download: let transformers download ``clip_model`` (default: local files only).
+        prompt_split, prompt_seed: None: the prompts of a text model are the datamodule's
+            ``sample_prompts`` (item i: the caption of val item i, paired with the reference
+            when ``reference_split`` is val); a split: ``num_samples`` captions drawn at random
+            with ``prompt_seed`` from every caption of that split's images
+            (:func:`genlab.evaluation.generation.random_captions`; the COCO-30k protocol).
+        preset: the name of the evaluation preset these settings come from (e.g. ``coco30k``),
+            stated in every result's protocol.
         reference_split, num_reference: real images the generated ones are compared with
             (default ``num_samples``, capped at the split's size); a reconstructing model
             reconstructs the first ``num_samples`` of them.
@@ -92,6 +108,11 @@ class GenerativeMetrics(L.Callback):
         oracle_recipe: list[str] | None = None,
         clip_checkpoint: str | None = None,
         clip_recipe: list[str] | None = None,
+        clip_model: str | None = None,
+        clip_download: bool = False,
+        prompt_split: str | None = None,
+        prompt_seed: int = 0,
+        preset: str | None = None,
         reference_split: str = "val",
         num_reference: int | None = None,
         real_split: str | None = None,
@@ -122,6 +143,11 @@ class GenerativeMetrics(L.Callback):
             "shapes_oracle": (oracle_checkpoint, oracle_recipe),
             "clip": (clip_checkpoint, clip_recipe),
         }
+        self.pretrained_clip = (
+            {"name": clip_model, "allow_download": clip_download} if clip_model else None
+        )
+        self.prompt_split, self.prompt_seed, self.preset = prompt_split, prompt_seed, preset
+        self.prompt_info: dict[str, Any] = {}
         self.reference_split, self.num_reference = reference_split, num_reference
         self.real_split = real_split
         self.cache_dir, self.output_dir = cache_dir, output_dir
@@ -201,11 +227,15 @@ class GenerativeMetrics(L.Callback):
             return self.base_protocol(tools, ref_info, n)
 
         if generates(pl_module):
-            conditions = sample_conditions(pl_module, datamodule, self.num_samples)
+            conditions = self.conditions(pl_module, datamodule)
             for scale in self.guidance_scales:
                 start = time.monotonic()
                 source = functools.partial(self.generate, pl_module, conditions, scale=scale)
-                paired = "prompts" in conditions and self.reference_split == "val"
+                paired = (
+                    "prompts" in conditions
+                    and self.reference_split == "val"
+                    and self.prompt_split is None
+                )
                 values = self.measure(
                     trainer,
                     tools,
@@ -295,8 +325,30 @@ class GenerativeMetrics(L.Callback):
                 pl_module=pl_module,
                 datamodule=trainer.datamodule,
                 device=trainer.strategy.root_device,
+                pretrained_clip=self.pretrained_clip,
             )
         return self.tools
+
+    def conditions(self, pl_module: L.LightningModule, datamodule: Any) -> dict[str, list]:
+        """The prompts (or labels) of the generated items: the datamodule's sample prompts, or
+        with ``prompt_split`` captions drawn at random from that split (for a text model)."""
+        if self.prompt_split is None or getattr(pl_module, "condition", None) != "text":
+            return sample_conditions(pl_module, datamodule, self.num_samples)
+        prompts, pool = random_captions(
+            datamodule, self.num_samples, split=self.prompt_split, seed=self.prompt_seed
+        )
+        self.prompt_info = {
+            "source": "random captions",
+            "split": self.prompt_split,
+            "seed": self.prompt_seed,
+            "pool": pool,
+            "distinct": len(set(prompts)),
+        }
+        log.info(
+            f"prompts: {len(prompts)} captions drawn at random (seed {self.prompt_seed}) from "
+            f"the {pool} captions of the {self.prompt_split} split"
+        )
+        return {"prompts": prompts}
 
     def reference(self, trainer, tools) -> tuple[torch.Tensor | None, dict]:
         """The real features (cached), or None when no feature metric is asked for."""
@@ -328,7 +380,8 @@ class GenerativeMetrics(L.Callback):
     def base_protocol(self, tools, ref_info, n: int | None = None) -> dict[str, Any]:
         """Extractor, evaluator versions, reference and metric settings in effect for n images."""
         n = self.num_samples if n is None else n
-        return proto.base_protocol(tools, ref_info, self.settings, n)
+        protocol = proto.base_protocol(tools, ref_info, self.settings, n)
+        return {"preset": self.preset, **protocol} if self.preset else protocol
 
     def protocol(self, pl_module, tools, ref_info, scale, num_samples: int) -> dict[str, Any]:
         """The protocol of generated images: sampler, steps and guidance scale where the model
@@ -339,6 +392,7 @@ class GenerativeMetrics(L.Callback):
             "num_samples": num_samples,
             **sampling,
             **({"generate_options": self.generate_options} if self.generate_options else {}),
+            **({"prompts": self.prompt_info} if self.prompt_info else {}),
             "seed": self.seed,
             "weights": proto.weights_of(pl_module),
         }

@@ -168,6 +168,14 @@ class CocoDataModule(GenDataModule):
         """Every caption of every train2017 image."""
         return [text for captions in self.read("train").captions for text in captions]
 
+    def caption_pool(self, split: str) -> list[str]:
+        """Every caption of every image of ``split`` (val / test: of val2017; train: train2017),
+        images by id, captions by annotation id: what random-caption protocols draw from."""
+        part = "train" if split == "train" else "val"
+        coco = self.read(part)
+        count = len(coco.files) if self.sizes.get(split) is None else self.sizes[split]
+        return [text for captions in coco.captions[:count] for text in captions]
+
     def sample_prompts(self, n: int) -> list[str]:
         """The first caption of the first ``n`` val images (cycling past ``val_size``)."""
         captions = self.read("val").captions[: self.sizes["val"]]

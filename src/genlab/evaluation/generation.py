@@ -59,6 +59,30 @@ def sample_conditions(pl_module: L.LightningModule, datamodule: Any, n: int) -> 
     return {}
 
 
+def random_captions(datamodule: Any, n: int, *, split: str, seed: int) -> tuple[list[str], int]:
+    """``n`` captions drawn at random with ``seed`` from every caption of ``split``'s images
+    (``datamodule.caption_pool(split)``), and the pool's size.
+
+    The draw is a random permutation of the pool, then another, ... (so no caption is used a
+    second time before every caption was used once), cut at ``n``: the zero-shot COCO protocol's
+    "30,000 random val captions" (Imagen, LDM, GLIDE) on a pool of any size.
+    """
+    pool_of = getattr(datamodule, "caption_pool", None)
+    if pool_of is None:
+        raise ValueError(
+            f"prompt_split={split!r}: {type(datamodule).__name__} cannot list the captions of a "
+            "split (caption_pool); random-caption protocols need captioned data such as data=coco"
+        )
+    pool = list(pool_of(split))
+    if not pool:
+        raise ValueError(f"prompt_split={split!r}: the split has no captions")
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while len(order) < n:
+        order.extend(rng.permutation(len(pool)).tolist())
+    return [pool[i] for i in order[:n]], len(pool)
+
+
 def sampling_options(
     sampling: dict[str, Any], generate_options: dict[str, Any], scale: float | None
 ) -> dict[str, Any]:

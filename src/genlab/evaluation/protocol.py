@@ -69,14 +69,20 @@ def base_protocol(
     if ref_info:
         size = min(ref_info["num_images"], n)
         protocol["kid_subset_size"] = subset_size_for(size, settings["kid_subset_size"])
+        data = ref_info.get("data") or {}
         protocol["reference"] = {
             "split": ref_info["split"],
             "num_images": ref_info["num_images"],
             "key": ref_info["key"],
+            **{k: data[k] for k in ("dataset", "resolution") if k in data},
         }
     for name in ("oracle", "clip"):
         if name in tools:
             protocol[f"{name}_version"] = tools[name].version
+    if "clip" in tools:  # which CLIP scores: genlab's checkpoint or a pretrained one
+        protocol["clip_model"] = getattr(tools["clip"], "name", None)
+        if protocol["clip_model"] == "clip":
+            protocol["clip_model"] = getattr(tools["clip"], "checkpoint", "clip")
     return protocol
 
 

@@ -43,9 +43,15 @@ def load_tools(
     pl_module: L.LightningModule,
     datamodule: Any,
     device: torch.device,
+    pretrained_clip: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load the feature extractor (``extractor``) and evaluators (``oracle``, ``clip``) that
-    the evaluation of ``pl_module`` on ``datamodule`` needs (building a missing one first)."""
+    the evaluation of ``pl_module`` on ``datamodule`` needs (building a missing one first).
+
+    ``pretrained_clip`` (``{"name": <local folder or Hub name>, "allow_download": bool}``): the
+    CLIP of the CLIP score (and of ``features: clip``) is that pretrained Hugging Face CLIP
+    (:class:`genlab.metrics.pretrained_clip.PretrainedCLIP`) instead of genlab's checkpoint.
+    """
     tools: dict[str, Any] = {}
     kind = features
     if kind in ("auto", "inception"):
@@ -84,10 +90,11 @@ def load_tools(
     )
     if wanted_oracle:
         tools["oracle"] = load_evaluator("shapes_oracle", evaluators, device)
-    wanted_clip = kind == "clip" or (
-        "clip" in metrics and text_model(pl_module) and evaluators["clip"][0] is not None
-    )
-    if wanted_clip:
+    has_clip = evaluators["clip"][0] is not None or bool(pretrained_clip)
+    wanted_clip = kind == "clip" or ("clip" in metrics and text_model(pl_module) and has_clip)
+    if wanted_clip and pretrained_clip:
+        tools["clip"] = load_pretrained_clip(pretrained_clip, device)
+    elif wanted_clip:
         tools["clip"] = load_evaluator("clip", evaluators, device)
     if kind == "shapes_oracle":
         tools["extractor"] = tools["oracle"]
@@ -112,6 +119,17 @@ def load_evaluator(name: str, evaluators: Evaluators, device: torch.device) -> C
     evaluator = CheckpointEvaluator(module, name=name, checkpoint=path)
     log.info(f"{name} evaluator {path} (version {evaluator.version})")
     return evaluator
+
+
+def load_pretrained_clip(settings: dict[str, Any], device: torch.device):
+    """A pretrained Hugging Face CLIP (local files only unless ``allow_download``)."""
+    from genlab.metrics.pretrained_clip import PretrainedCLIP
+
+    clip = PretrainedCLIP(
+        settings["name"], allow_download=bool(settings.get("allow_download")), device=device
+    )
+    log.info(f"pretrained CLIP {clip.name} (version {clip.version}) scores text-image agreement")
+    return clip
 
 
 def text_model(pl_module: L.LightningModule) -> bool:
