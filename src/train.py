@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks.step_seeds import StepSeeds
 from genlab.utils.checkpoint import AtomicCheckpointIO, ModelConfigInCheckpoint
+from genlab.utils.first_stages import resolve_first_stage
 from genlab.utils.frozen_parts import build_missing_parts
 from genlab.utils.instantiate import instantiate
 from genlab.utils.instantiators import instantiate_callbacks, instantiate_loggers
@@ -171,6 +172,7 @@ def main(cfg: DictConfig) -> float | None:
     validate_config(cfg, TOP_LEVEL)
     if cfg.get("ckpt_path") not in (None, "last", "auto") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    resolve_first_stage(cfg)  # an LDM's first stage: given, found or built; data.resolution follows
     extras(cfg)
     try:
         metrics, _ = train(cfg)

@@ -26,7 +26,12 @@ CASES = [
     ("sample.py", ["ckpt_path=model.ckpt", "n=many"], "n='many': expected int"),
     ("sample.py", ["ckpt_path=model.ckpt", "prompt=[]"], "prompt=[] is empty"),
     ("sample.py", ["ckpt_path=model.ckpt", "prompts_file=none.txt"], "none.txt"),
-    ("train.py", ["model=ldm"], "model.space.first_stage_ckpt is mandatory"),
+    ("train.py", ["model=ldm", "data=mnist"], "no first-stage recipe for data=mnist"),
+    (
+        "train.py",
+        ["model=ldm", "model.space.first_stage_ckpt=missing.ckpt"],
+        "model.space.first_stage_ckpt='missing.ckpt': no such file",
+    ),
     (
         "train.py",
         ["model=imagen_sr", "model.conditioners.low_res.low_res_size=null"],

@@ -3,12 +3,17 @@
 
 * :class:`PixelSpace` — the images themselves (DDPM, Imagen, the unCLIP decoder).
 * :class:`LatentSpace` — the latents of a frozen first stage (latent diffusion, Rombach et al.
-  2022), x0 = scale_factor · z with z a sample of a VAE's posterior (the latent before
+  2022), x0 = scale_factor · (z - shift) with z a sample of a VAE's posterior (the latent before
   quantization for a VQ-GAN, whose ``decode`` quantizes: "the quantization layer absorbed into
   the decoder", §3). ``scale_factor`` is 1 / std of the first training batch's latents unless
-  given ("scale_by_std", App. G), rank 0's value on every rank, and saved. The first stage is
-  rebuilt from its checkpoint (``genlab.load``), frozen and kept out of ``state_dict``: the model's
-  checkpoint stores its path and SHA-256, and a missing or changed file is refused with a message.
+  given ("scale_by_std", App. G), rank 0's value on every rank, and saved; a diffusers first stage
+  brings its own (``scaling_factor``, and ``shift_factor`` as shift; 0 for genlab's). The first
+  stage is rebuilt from its checkpoint (``genlab.load``) or read from a diffusers
+  ``AutoencoderKL`` / ``VQModel`` folder (``genlab.nn.diffusers_vae``), frozen and kept out of
+  ``state_dict``: the model's checkpoint stores its path and SHA-256, and a missing or changed
+  file is refused with a message. A config without a first stage (``first_stage_ckpt: null``) is
+  completed by the entry points, which find or build one by ``first_stage_recipe``
+  (``genlab.utils.first_stages``); the constructor never trains one.
   With ``cache_latents`` the train split is encoded once into a file that training reads by item
   index (``genlab.data.latent_cache``).
 """
@@ -24,6 +29,7 @@ from torch import nn
 
 from genlab.data.latent_cache import LatentCache
 from genlab.models.diffusion.conditioners import Shared
+from genlab.nn.diffusers_vae import diffusers_folder, folder_version, load_diffusers_first_stage
 from genlab.nn.distributions import DiagonalGaussian
 from genlab.utils.checkpoint import load_frozen
 from genlab.utils.io import file_version
@@ -77,12 +83,18 @@ class LatentSpace(PixelSpace):
     """Diffusion on the scaled latents of a frozen ``vae`` or ``vqgan`` (module docstring).
 
     Args:
-        first_stage_ckpt: the first stage's checkpoint (``python src/train.py
-            experiment=vae_shapes_64``).
-        scale_factor: multiply latents by this; None: 1 / std of the first batch's latents.
+        first_stage_ckpt: the first stage: a genlab vae / vqgan checkpoint (``python src/train.py
+            experiment=vae_shapes_64``) or export folder, or a diffusers ``AutoencoderKL`` /
+            ``VQModel`` folder (``save_pretrained``; or a pipeline folder with ``vae/``).
+        first_stage_format: ``auto`` (a folder with a diffusers ``config.json`` is diffusers),
+            ``genlab`` or ``diffusers``.
+        scale_factor: multiply latents by this; None: the diffusers first stage's
+            ``scaling_factor``, or 1 / std of the first batch's latents for genlab's.
         cache_latents: encode the train split once, at the start of fit, into ``cache_dir`` (or
             reuse that file) and train from it.
         cache_dir: the folder of latent caches.
+        first_stage_recipe, first_stage_dir: read by the entry points only, to find or build a
+            first stage when ``first_stage_ckpt`` is null (``genlab.utils.first_stages``).
     """
 
     pixel_space = False
@@ -90,19 +102,35 @@ class LatentSpace(PixelSpace):
     def __init__(
         self,
         *,
-        first_stage_ckpt: str,
+        first_stage_ckpt: str | None,
+        first_stage_format: str = "auto",
         scale_factor: float | None = None,
         cache_latents: bool = False,
         cache_dir: str | None = None,
+        first_stage_recipe: list[str] | None = None,
+        first_stage_dir: str | None = None,
     ):
         super().__init__()
         if cache_latents and not cache_dir:
             raise ValueError(
                 "model.space.cache_latents=true needs model.space.cache_dir: where to keep it"
             )
-        self.frozen = Shared(load_first_stage(first_stage_ckpt))
+        if not first_stage_ckpt:
+            raise ValueError(
+                "model.space.first_stage_ckpt is null: src/train.py finds or builds the first "
+                "stage by model.space.first_stage_recipe (genlab.utils.first_stages."
+                "resolve_first_stage); in Python, give a vae / vqgan checkpoint or a diffusers "
+                "AutoencoderKL / VQModel folder"
+            )
+        first_stage = load_first_stage(first_stage_ckpt, first_stage_format)
+        self.frozen = Shared(first_stage)
         self.first_stage_ckpt = str(first_stage_ckpt)
-        self.first_stage_version = file_version(first_stage_ckpt)
+        self.first_stage_version = first_stage_version(first_stage_ckpt)
+        own_scale = getattr(first_stage, "scaling_factor", None)
+        if scale_factor is None and own_scale is not None:
+            scale_factor = own_scale
+            log.info(f"scale_factor = {own_scale} (the first stage's scaling_factor)")
+        self.shift = float(getattr(first_stage, "shift_factor", 0.0))  # not in state_dict
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or 1.0)))
         self.register_buffer("scale_set", torch.tensor(scale_factor is not None))
         self.cache_latents, self.cache_dir = cache_latents, cache_dir
@@ -123,7 +151,13 @@ class LatentSpace(PixelSpace):
 
     def check(self, image_size: int, channels: int) -> None:
         first_stage, path = self.first_stage, self.first_stage_ckpt
-        if image_size != first_stage.image_size:
+        f = first_stage.downsample_factor
+        if first_stage.image_size is None and image_size % f:  # a convolutional diffusers one
+            raise ValueError(
+                f"model.image_size={image_size} is not a multiple of the first stage's "
+                f"downsampling factor f={f} ({path})"
+            )
+        if first_stage.image_size is not None and image_size != first_stage.image_size:
             raise ValueError(
                 f"model.image_size={image_size} but the first stage {path} was trained at "
                 f"{first_stage.image_size} px"
@@ -166,14 +200,16 @@ class LatentSpace(PixelSpace):
         return self.scaled(self.cache.latents(batch["index"], device=self.scale_factor.device))
 
     def scaled(self, z: torch.Tensor) -> torch.Tensor:
-        """x0 = scale_factor · z, with scale_factor set from z first if it is not set yet."""
+        """x0 = scale_factor · (z - shift), with scale_factor set from z first if it is not set
+        yet."""
         if not bool(self.scale_set):
-            self.set_scale_factor(z)
-        return z * self.scale_factor
+            self.set_scale_factor(z - self.shift)
+        return (z - self.shift) * self.scale_factor if self.shift else z * self.scale_factor
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.first_stage.decode(x0.float() / self.scale_factor).float().clamp(-1, 1)
+        z = x0.float() / self.scale_factor + self.shift
+        return self.first_stage.decode(z).float().clamp(-1, 1)
 
     def set_scale_factor(self, z: torch.Tensor) -> None:
         """scale_factor = 1 / std(z) of this batch, rank 0's value on every rank."""
@@ -212,12 +248,32 @@ class LatentSpace(PixelSpace):
             )
 
 
-def load_first_stage(path: str | Path) -> nn.Module:
-    """The first stage of a checkpoint, frozen, with a clear error when it is missing or is not
-    an autoencoder with a continuous latent."""
-    hint = "use a vae or vqgan checkpoint (python src/train.py experiment=vae_shapes_64)"
+FORMATS = ("auto", "genlab", "diffusers")
+
+
+def first_stage_version(path: str | Path) -> str:
+    """The SHA-256 prefix of a first stage's file, or of a folder's config and weight files."""
+    return folder_version(path) if Path(path).is_dir() else file_version(path)
+
+
+def load_first_stage(path: str | Path, first_stage_format: str = "auto") -> nn.Module:
+    """The first stage of a checkpoint or a diffusers folder, frozen, with a clear error when it
+    is missing or is not an autoencoder with a continuous latent."""
+    if first_stage_format not in FORMATS:
+        raise ValueError(
+            f"model.space.first_stage_format={first_stage_format!r}: one of {list(FORMATS)}"
+        )
+    key = "model.space.first_stage_ckpt"
+    if first_stage_format == "diffusers" or (
+        first_stage_format == "auto" and diffusers_folder(path) is not None
+    ):
+        return load_diffusers_first_stage(path, key=key)
+    hint = (
+        "use a vae or vqgan checkpoint (python src/train.py experiment=vae_shapes_64) or a "
+        "diffusers AutoencoderKL / VQModel folder"
+    )
     needs = ("encode", "decode", "latent_channels", "downsample_factor")
-    module = load_frozen(path, key="model.space.first_stage_ckpt", needs=needs, hint=hint)
+    module = load_frozen(path, key=key, needs=needs, hint=hint)
     if callable(getattr(module, "encode_indices", None)) and not hasattr(module, "quant_conv"):
         raise ValueError(
             f"model.space.first_stage_ckpt={str(path)!r} is a dVAE: its tokens have no "
