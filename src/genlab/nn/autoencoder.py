@@ -5,7 +5,11 @@ autoencoders (Rombach et al. 2022, App. G): a stem convolution, pre-activation r
 (GroupNorm-SiLU-conv twice) at each resolution level, optional self-attention at chosen levels, a
 stride-2 convolution between levels, a middle of residual-attention-residual at the lowest
 resolution, and GroupNorm-SiLU-conv to the latent channels. The decoder mirrors it with
-nearest-neighbour ×2 upsampling followed by a 3×3 convolution. Images of ``H × W`` pixels map to
+nearest-neighbour ×2 upsampling followed by a 3×3 convolution. The stride-2 convolution pads one
+pixel on every side by default; ``downsample_padding="asymmetric"`` pads one pixel after the
+last row and column only, as taming-transformers, latent diffusion and diffusers' ``Encoder`` do
+(the same parameters; the layout that ``format=diffusers`` exports). ``norm_eps`` is the eps of
+every GroupNorm (1e-5, PyTorch's default; taming-transformers and diffusers use 1e-6). Images of ``H × W`` pixels map to
 latents of ``H/f × W/f`` with ``f = 2^(len(channels) - 1)``.
 
 The networks know nothing of quantization or sampling: a VAE asks the encoder for
@@ -15,7 +19,10 @@ dVAE reads it as logits over its codebook.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from genlab.nn.attention import AttentionImpl, SpatialAttention
@@ -36,6 +43,39 @@ def check_args(name: str, channels, attention_levels, groups: int, **positive: i
         if value < 1:
             raise ValueError(f"{name} {key}={value} must be at least 1")
     return check_levels(name, channels, attention_levels, groups)
+
+
+DownsamplePadding = Literal["symmetric", "asymmetric"]
+
+
+class AsymmetricDownsample(nn.Conv2d):
+    """A 3×3 stride-2 convolution after padding one zero row and column at the end (bottom,
+    right), as taming-transformers' and diffusers' ``Downsample2D(padding=0)``; the parameters
+    are those of ``nn.Conv2d(c, c, 3, stride=2, padding=1)``."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+def downsample(channels: int, padding: DownsamplePadding) -> nn.Conv2d:
+    """The stride-2 convolution between two encoder levels (module docstring)."""
+    if padding == "symmetric":
+        return nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+    if padding == "asymmetric":
+        return AsymmetricDownsample(channels)
+    raise ValueError(f"encoder downsample_padding={padding!r}: one of 'symmetric', 'asymmetric'")
+
+
+def set_norm_eps(module: nn.Module, eps: float) -> None:
+    """Give every GroupNorm inside ``module`` this eps."""
+    if eps <= 0:
+        raise ValueError(f"norm_eps={eps} must be positive")
+    for layer in module.modules():
+        if isinstance(layer, nn.GroupNorm):
+            layer.eps = eps
 
 
 def level_blocks(c_in, c_out, *, n, attention, heads, groups, dropout, impl) -> list[nn.Module]:
@@ -76,6 +116,9 @@ class Encoder(nn.Module):
         dropout: dropout inside the residual blocks.
         heads: attention heads (taming-transformers uses one).
         attn_impl: attention implementation (see ``nn.attention.attention``).
+        downsample_padding: ``symmetric`` (one pixel on every side) or ``asymmetric`` (one after
+            the last row and column: taming-transformers, latent diffusion, diffusers).
+        norm_eps: the eps of every GroupNorm (taming-transformers and diffusers: 1e-6).
     """
 
     def __init__(
@@ -92,6 +135,8 @@ class Encoder(nn.Module):
         dropout: float = 0.0,
         heads: int = 1,
         attn_impl: AttentionImpl = "auto",
+        downsample_padding: DownsamplePadding = "symmetric",
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         channels = check_args(
@@ -104,6 +149,7 @@ class Encoder(nn.Module):
             latent_channels=latent_channels,
         )
         self.downsample_factor = 2 ** (len(channels) - 1)
+        self.downsample_padding = downsample_padding
         self.out_channels = latent_channels * (2 if double_latent else 1)
         common = dict(heads=heads, groups=groups, dropout=dropout, impl=attn_impl)
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
@@ -114,13 +160,14 @@ class Encoder(nn.Module):
                 c, ch, n=res_blocks, attention=level in attention_levels, **common
             )
             if level < len(channels) - 1:
-                layers.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))  # H, W halved
+                layers.append(downsample(ch, downsample_padding))  # H, W halved
             self.down.append(nn.Sequential(*layers))
             c = ch
         self.mid = middle(c, attention=mid_attention, **common)
         self.conv_out = nn.Sequential(
             nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, self.out_channels, 3, padding=1)
         )
+        set_norm_eps(self, norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) → (B, latent_channels [× 2], H / f, W / f)."""
@@ -140,7 +187,8 @@ class Decoder(nn.Module):
     Args:
         out_channels: image channels.
         channels, res_blocks, latent_channels, attention_levels, mid_attention, groups, dropout,
-            heads, attn_impl: as in ``Encoder`` (the same values give the mirror network).
+            heads, attn_impl, norm_eps: as in ``Encoder`` (the same values give the mirror
+            network).
     """
 
     def __init__(
@@ -156,6 +204,7 @@ class Decoder(nn.Module):
         dropout: float = 0.0,
         heads: int = 1,
         attn_impl: AttentionImpl = "auto",
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         channels = check_args(
@@ -187,6 +236,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Sequential(
             nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, out_channels, 3, padding=1)
         )
+        set_norm_eps(self, norm_eps)
 
     @property
     def last_layer(self) -> torch.Tensor:
