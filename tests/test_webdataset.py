@@ -215,13 +215,13 @@ def test_resume_mid_epoch_continues_the_stream_exactly(tmp_path):
 
 def test_resume_skips_without_decoding_what_was_delivered(tmp_path):
     """The documented cost of a resume: samples already delivered are replayed from the tar
-    (their shard's shuffle) but not decoded; finished shards are not opened."""
+    (their shard's shuffle) but not decoded again; finished shards are not opened."""
     urls = write_shards(tmp_path / "shards", [10, 10, 10])
     decoded = []
 
     class CountingDecoder(Decoder):
         def __call__(self, raw):
-            decoded.append(raw["__key__"])
+            decoded.append(int(raw["__key__"]))
             return super().__call__(raw)
 
     def loader(state=None):
@@ -236,17 +236,18 @@ def test_resume_skips_without_decoding_what_was_delivered(tmp_path):
 
     progress = (0, 0)
     whole = epoch_batches(loader())
-    assert len(decoded) == 28  # 7 batches of 4; the last 2 samples are never decoded
+    assert sorted(decoded) == list(range(30))  # workers decode chunks of 16 ahead
     stopped = loader()
     iterator = iter(stopped)
     for _ in range(4):
         next(iterator)
     progress = (0, 4)
     state = stopped.state_dict()
-    assert state["ranks"] == [{"round": 0, "at": {"0": [1, 5]}, "next_worker": 0}]
+    assert state["ranks"] == [{"round": 0, "at": {"0": [1, 5]}, "next_worker": 0, "taken": 0}]
     decoded.clear()
     resumed = list(loader(state))
-    assert len(resumed) == 3 and len(decoded) == 12  # only what it delivers
+    before = set(sample_numbers(whole[:4]))
+    assert len(resumed) == 3 and sorted(decoded) == sorted(set(range(30)) - before)
     for a, b in zip(whole[4:], resumed, strict=True):
         assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"]
     changed = loader()
@@ -399,8 +400,8 @@ def test_ddp_two_processes_two_workers_stream_and_resume(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert state["world_size"] == 2 and state["batches"] == 2 and len(state["ranks"]) == 2
-    for rank in state["ranks"]:  # 16 samples per rank delivered, 8 by each worker
-        assert sum(p[1] + 1 for p in rank["at"].values()) == 16
+    for rank in state["ranks"]:  # 16 samples per rank: worker 0's first turn (12 + 4)
+        assert rank == {"round": 0, "at": {"0": [1, 3]}, "next_worker": 1, "taken": 0}
     result = run_entry(
         "train.py", *common, "++trainer.max_steps=4", "ckpt_path=last", tmp_path=tmp_path
     )
@@ -411,7 +412,7 @@ def test_ddp_two_processes_two_workers_stream_and_resume(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert ckpt["global_step"] == 4 and state["batches"] == 4
-    # 16 samples per worker: its first shard (12) and 4 of its second; a run that had restarted
-    # the epoch would stand at 8 samples ([0, 7])
+    # 16 samples from each worker: its first shard (12) and 4 of its second; a run that had
+    # restarted the epoch would stand at worker 0's first turn again
     for rank in state["ranks"]:
         assert rank["at"] == {"0": [1, 3], "1": [1, 3]} and rank["round"] == 0

@@ -98,6 +98,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 CAPTION_EXT = "txt"
 LABEL_EXT = "cls"
+CHUNK = 16  # samples a worker sends at once, and a worker's turn in the main process
 KEPT_POSITIONS = 16  # positions kept behind the newest batch (Lightning prefetches one)
 SHARD_STRIDE = 1_000_000  # index = shard * SHARD_STRIDE + position in the shard
 LAYOUT = """  <shard>.tar holding, per sample, members that share a key (name up to the first dot):
@@ -358,9 +359,10 @@ def buffer_shuffle(
 
 class ShardStream(IterableDataset):
     """The training samples of one DDP rank: its worker ``w`` reads the shards dealt to it for
-    the epoch (see the module doc), each buffer-shuffled, and yields items with ``_worker`` and
-    ``_at`` ``(shard place j, shuffled position i)``, then one ``{"_end": w}``; every item
-    carries in ``_bad`` the bad samples skipped just before it.
+    the epoch (see the module doc), each buffer-shuffled, and yields them in chunks of up to
+    :data:`CHUNK` (:func:`pack`: one shared-memory tensor per chunk, not per sample), each
+    sample with its ``_at`` ``(shard place j, shuffled position i)``, then one
+    ``{"_end": w}``; a chunk carries in ``_bad`` the bad samples skipped before it.
 
     Set :attr:`epoch`, :attr:`round` and :attr:`start` (``{worker: (j, i)}``: the last position
     already delivered) before iterating; a new DataLoader pickles them into its workers.
@@ -409,6 +411,7 @@ class ShardStream(IterableDataset):
         start_j, start_i = self.start.get(worker, (0, -1))
         bad = BadSamples(self.bad_files, self.max_consecutive_bad)
         skipped: list[str] = []
+        chunk: list[dict[str, Any]] = []
         for j, shard in enumerate(self.worker_shards(worker, num_workers, self.epoch)):
             if j < start_j:
                 continue  # finished before the checkpoint: not even opened
@@ -428,31 +431,62 @@ class ShardStream(IterableDataset):
                     skipped.append(bad.record(f"{url}#{raw['__key__']}", why))
                     continue
                 bad.good()
-                item.update(index=index, _worker=worker, _at=(j, i), _bad=skipped)
-                skipped = []
-                yield item
+                item.update(index=index, _at=(j, i))
+                chunk.append(item)
+                if len(chunk) == CHUNK:
+                    yield pack(chunk, worker, skipped)
+                    chunk, skipped = [], []
             for error in errors:
                 skipped.append(bad.record(url, f"corrupt tar ({error})"))
-        yield {"_end": worker, "_bad": skipped}
+        if chunk:
+            yield pack(chunk, worker, [])
+        yield {"_end": worker, "_worker": worker, "_bad": skipped}
+
+
+def pack(items: list[dict[str, Any]], worker: int, bad: list[str]) -> dict[str, Any]:
+    """A chunk of a worker's samples: images stacked into one tensor, the rest as lists."""
+    chunk = {key: [item[key] for item in items] for key in items[0] if key != "image"}
+    return {
+        **chunk,
+        "image": torch.stack([item["image"] for item in items]),
+        "_worker": worker,
+        "_bad": bad,
+    }
+
+
+def unpack(chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    """The samples of a :func:`pack` chunk."""
+    keys = [k for k in chunk if not k.startswith("_") or k == "_at"]
+    return [{key: chunk[key][k] for key in keys} for k in range(len(chunk["image"]))]
 
 
 @dataclass
 class StreamPosition:
     """Where a rank is in its epoch's stream: the round, each worker's last delivered
-    ``(shard place, shuffled position)``, and the worker that gives the next sample."""
+    ``(shard place, shuffled position)``, the worker whose turn it is and how many samples it
+    gave in this turn."""
 
     round: int = 0
     at: dict[int, tuple[int, int]] = field(default_factory=dict)
     next_worker: int = 0
+    taken: int = 0
+
+    def copy(self) -> StreamPosition:
+        return StreamPosition(self.round, dict(self.at), self.next_worker, self.taken)
 
     def to_dict(self) -> dict[str, Any]:
         at = {str(w): list(p) for w, p in self.at.items()}
-        return {"round": self.round, "at": at, "next_worker": self.next_worker}
+        return {
+            "round": self.round,
+            "at": at,
+            "next_worker": self.next_worker,
+            "taken": self.taken,
+        }
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> StreamPosition:
         at = {int(w): (int(p[0]), int(p[1])) for w, p in state["at"].items()}
-        return cls(int(state["round"]), at, int(state["next_worker"]))
+        return cls(int(state["round"]), at, int(state["next_worker"]), int(state["taken"]))
 
 
 class StreamLoader:
@@ -524,9 +558,7 @@ class StreamLoader:
                 samples.append(item)
                 if len(samples) == self.batch_size:
                     done += 1
-                    self.positions[(epoch, done)] = StreamPosition(
-                        position.round, dict(position.at), position.next_worker
-                    )
+                    self.positions[(epoch, done)] = position.copy()
                     self.positions.pop((epoch, done - KEPT_POSITIONS), None)
                     yield self.collate(samples)
                     samples = []
@@ -552,36 +584,44 @@ class StreamLoader:
     def round_samples(
         self, epoch: int, position: StreamPosition, workers: int
     ) -> Iterator[dict[str, Any]]:
-        """The samples of one round from ``position`` on, taking worker ``next_worker`` first and
-        then the others in turn (finished workers left out), and updating ``position``."""
+        """The samples of one round from ``position`` on: :data:`CHUNK` samples from worker
+        ``next_worker``, then as many from the next worker (by id, cyclically), and so on, a
+        finished worker left out; ``position`` follows every sample taken. The order depends on
+        the data alone, never on which worker process answers first."""
         self.stream.epoch, self.stream.round = epoch, position.round
         self.stream.start = dict(position.at)
         loader = DataLoader(
-            self.stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            collate_fn=keep_item,
+            self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=keep_item
         )
-        alive = list(range(workers))
-        waiting: dict[int, deque] = {w: deque() for w in alive}
         source = iter(loader)
-        turn = alive.index(position.next_worker) if position.next_worker in alive else 0
+        waiting: dict[int, deque] = {w: deque() for w in range(workers)}
+        ended: set[int] = set()
+        alive = set(range(workers))
+        worker = position.next_worker if position.next_worker in alive else 0
         while alive:
-            worker = alive[turn % len(alive)]
-            while not waiting[worker]:
-                item = next(source)
-                waiting[item.get("_worker", item.get("_end"))].append(item)
-            item = waiting[worker].popleft()
-            self.bad.extend(item["_bad"])
-            if "_end" in item:
-                alive.remove(worker)
-                turn = turn % len(alive) if alive else 0
-                position.next_worker = alive[turn] if alive else 0
-                continue
-            position.at[worker] = item["_at"]
-            turn = (turn + 1) % len(alive)
-            position.next_worker = alive[turn]
-            yield {k: v for k, v in item.items() if not k.startswith("_")}
+            while not waiting[worker] and worker not in ended:
+                chunk = next(source)
+                self.bad.extend(chunk["_bad"])
+                if "_end" in chunk:
+                    ended.add(chunk["_worker"])
+                else:
+                    waiting[chunk["_worker"]].extend(unpack(chunk))
+            if waiting[worker]:
+                item = waiting[worker].popleft()
+                position.at[worker] = item.pop("_at")
+                position.taken += 1
+                if position.taken < CHUNK:
+                    position.next_worker = worker
+                    yield item
+                    continue
+            else:  # finished: its turn passes
+                alive.discard(worker)
+                item = None
+            position.taken = 0
+            following = sorted(alive, key=lambda w: (w - worker - 1) % workers)
+            worker = position.next_worker = following[0] if following else 0
+            if item is not None:
+                yield item
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = default_collate(samples)
