@@ -116,3 +116,55 @@ def test_ddp_jobs_of_a_multirun_write_one_folder_and_one_wandb_run_each(tmp_path
         ids.add((sweep_dir / job / "wandb_id.txt").read_text().strip())
     assert len(ids) == 2
     assert not (tmp_path / "logs").exists()  # no stray per-rank run folder
+
+
+def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:
+    """`hydra/launcher=submitit_local`: Hydra's submitit launcher runs each job of the sweep as
+    a submitit process (the way SLURM jobs run), each in its own job folder."""
+    sweep_dir = tmp_path / "multirun"
+    result = run_entry(
+        "train.py",
+        "-m",
+        "hydra/launcher=submitit_local",
+        *QUICK,
+        "seed=1,2",
+        "tags=[submitit]",
+        f"hydra.sweep.dir={sweep_dir}",
+        tmp_path=tmp_path,
+        timeout=400,
+    )
+    check_ok(result)
+    assert (sweep_dir / ".submitit").is_dir()  # submitit's own pickles and logs
+    for job, seed in (("0", 1), ("1", 2)):
+        config = yaml.safe_load((sweep_dir / job / ".hydra" / "config.yaml").read_text())
+        assert config["seed"] == seed
+        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_submitit_slurm_launcher_follows_the_trainer(tmp_path: Path) -> None:
+    """`hydra/launcher=slurm`: the SLURM launcher's nodes and tasks come from trainer.num_nodes / trainer.devices, and
+    the preemption callback listens to the signal submitit sends before the time limit."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    import genlab  # noqa: F401  (registers the run folder's resolvers)
+    from conftest import CONF
+
+    GlobalHydra.instance().clear()
+    overrides = [
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        f"paths.output_dir={tmp_path}",
+        f"paths.work_dir={tmp_path}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=overrides, return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
+    assert launcher["partition"] == "gpu" and launcher["signal_delay_s"] > 0
+    assert "SIGUSR1" in cfg.callbacks.preemption.signals
