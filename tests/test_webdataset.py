@@ -291,6 +291,16 @@ def test_missing_shards_fail_at_setup_with_a_clear_error(tmp_path, urls, error, 
         assert str(tmp_path / "absent" / "train-000000.tar") in str(caught.value)
 
 
+def test_pipe_urls_stream_through_webdataset_openers(tmp_path):
+    write_shards(tmp_path / "shards", [6, 6])
+    urls = f"pipe:cat {tmp_path}/shards/train-{{000000..000001}}.tar"
+    with pytest.raises(ValueError, match="set data.epoch_length"):
+        module(urls).train_dataloader()
+    dm = module(urls, epoch_length=3)
+    dm.setup("fit")
+    assert sorted(sample_numbers(epoch_batches(dm.train_dataloader()))) == list(range(12))
+
+
 def test_an_empty_shard_is_named(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"\0" * 1024)  # a tar with no member
     dm = module(str(tmp_path / "empty.tar"))

@@ -18,10 +18,13 @@ How an epoch is read (:class:`ShardStream`, :class:`StreamLoader`):
   per epoch: no sample is delivered twice in an epoch.
 * A worker shuffles each shard with a buffer of ``shuffle_buffer`` samples (the buffer is
   emptied at the end of each shard), from a generator seeded by ``(seed, epoch, shard)``; across
-  shards the mixing comes from the shard order and from the main process, which takes samples
-  from the workers in turn. Write shards in random order (``make_shards.py`` does) so that a
-  shard is not one class or one photographer.
-* The main process batches the samples (``batch_size``; batches are never ragged). Every rank
+  shards the mixing comes from the shard order and from the main process, which takes the
+  workers' samples in turns of :data:`CHUNK` (16) per worker. Write shards in random order
+  (``make_shards.py`` does) so that a shard is not one class or one photographer.
+* The main process batches the samples (``batch_size``; batches are never ragged), so a batch
+  may hold samples of several workers and the batch count does not depend on how the samples
+  fall over the workers. Which worker gives the next sample depends on the data alone, never on
+  which worker process answers first: the stream is deterministic. Every rank
   yields the same number of batches per epoch, ``epoch_length``, as Lightning's DDP needs.
   ``epoch_length: null`` counts the samples of every shard at setup (tar headers only, local
   files only) and takes ``min over ranks of floor(samples of the rank / batch_size)``: with
@@ -43,10 +46,14 @@ number of samples of that shard's shuffled order delivered), the round, and whic
 the next sample. A resumed run starts the saved epoch there: each worker skips the shards it
 finished without opening them and replays the shuffle of its current shard without decoding the
 samples already delivered. The resumed run then yields exactly the batches the interrupted run
-would have yielded (same samples, same order, same crops); the cost is re-reading, at most, the
-part of one shard per worker that was read before the checkpoint. A changed ``world_size``,
+would have yielded (same samples, same order, same crops), as long as the shards' contents are
+unchanged. The cost: per worker, the samples of its current shard up to its position, plus the
+``shuffle_buffer`` that the replayed shuffle must fill (at most the whole shard), are read from
+the tar again but not decoded; nothing delivered before the checkpoint is delivered again. A changed ``world_size``,
 ``num_workers``, ``batch_size``, ``seed``, ``shuffle_buffer`` or shard list cannot resume
-exactly: the epoch then restarts from its start, with a warning.
+exactly: the epoch then restarts from its start, with a warning. The positions are gathered
+from all ranks inside ``state_dict`` (``all_gather_object``), which Lightning calls on every
+rank whenever it saves a checkpoint (``trainer.save_checkpoint`` must run on all ranks anyway).
 
 Validation and test (``val_urls``, ``test_urls``) are map-style: their shards are read whole
 into memory at setup (the encoded bytes), decoded on access, so every evaluation is exact and
@@ -58,7 +65,9 @@ Bad samples follow the project's ``bad_files`` policy (:mod:`genlab.data.files`)
 an undecodable image, a missing image or caption, a bad label or a corrupt tar is logged (the
 first ones by url and key), counted (:meth:`WebDataModule.skipped_files`) and skipped;
 ``max_consecutive_bad`` bad samples in a row raise a ``RuntimeError``. Under ``strict`` the first
-bad sample raises (streams are not checked at setup: that would read every shard).
+bad sample raises (streams are not checked at setup: that would read every shard). A tar cut
+exactly at a member boundary cannot be told from a shorter shard (the tar format has no
+length); cut inside a member, it is reported as a corrupt tar after its readable samples.
 """
 
 from __future__ import annotations
@@ -633,6 +642,8 @@ class StreamLoader:
         """Every rank's position after the batches trained on (gathered from all ranks)."""
         epoch, batches = self.progress() if self.progress is not None else (0, 0)
         position = self.positions.get((epoch, batches))
+        if position is None and self.resume is not None and self.resume[:2] == (epoch, batches):
+            position = self.resume[2]  # restored, and no batch read since
         mine = position.to_dict() if position is not None else None
         ranks = self.gather(mine) if self.gather is not None else [mine]
         return {"epoch": epoch, "batches": batches, **self.compatibility(), "ranks": ranks}
