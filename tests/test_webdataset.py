@@ -342,6 +342,36 @@ def test_converter_round_trips_an_image_folder(tmp_path):
         assert got[caption]["label"] == folder_index.labels[i]
 
 
+def test_converter_round_trips_coco(tmp_path):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    images, annotations = [], []
+    for n in range(3):
+        name = f"{n + 1:012d}.jpg"
+        Image.fromarray(np.full((10, 12, 3), 40 * n, dtype=np.uint8)).save(root / "val2017" / name)
+        images.append({"id": n + 1, "file_name": name})
+        annotations += [
+            {"id": 10 * n + k, "image_id": n + 1, "caption": f"photo {n} take {k}"} for k in (2, 1)
+        ]
+    (root / "annotations" / "captions_val2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations})
+    )
+    make_shards = load_make_shards()
+    pattern = str(tmp_path / "out" / "val-%03d.tar")
+    args = ["--source", "coco", "--input", str(root), "--split", "val", "--output", pattern]
+    make_shards.main([*args, "--no-shuffle"])
+    with tarfile.open(tmp_path / "out" / "val-000.tar") as tar:
+        assert tar.getnames()[:2] == ["000000000.jpg", "000000000.txt"]
+        assert (
+            tar.extractfile("000000000.jpg").read()
+            == (root / "val2017" / images[0]["file_name"]).read_bytes()
+        )  # the original file, not re-encoded
+    dm = module(str(tmp_path / "out" / "val-000.tar"), val_size=3)
+    dm.setup("validate")
+    assert [dm.data_val[n]["caption"] for n in range(3)] == [f"photo {n} take 1" for n in range(3)]
+
+
 def test_converter_writes_shapes(tmp_path):
     make_shards = load_make_shards()
     pattern = str(tmp_path / "shapes-%03d.tar")
