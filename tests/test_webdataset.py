@@ -299,6 +299,7 @@ def test_pipe_urls_stream_through_webdataset_openers(tmp_path):
     dm = module(urls, epoch_length=3)
     dm.setup("fit")
     assert sorted(sample_numbers(epoch_batches(dm.train_dataloader()))) == list(range(12))
+    assert dm.train_captions() == [f"sample {n}" for n in range(12)]
 
 
 def test_an_empty_shard_is_named(tmp_path):

@@ -194,6 +194,21 @@ def count_samples(url: str) -> int:
     return len(keys)
 
 
+def caption_members(url: str) -> Iterator[bytes]:
+    """The contents of the caption members of a shard, in tar order."""
+    if is_local(url):
+        with tarfile.open(local_path(url), "r:*") as tar:
+            for member in tar:
+                if member.isreg() and member.name.endswith("." + CAPTION_EXT):
+                    yield tar.extractfile(member).read()
+        return
+    streams = tariterators.url_opener([{"url": url}])
+    is_caption = lambda name: name.endswith("." + CAPTION_EXT)  # noqa: E731
+    for member in tariterators.tar_file_expander(streams, select_files=is_caption):
+        if member:
+            yield member["data"]
+
+
 def shard_list_hash(urls: Sequence[str]) -> str:
     """A short hash of the shard list (what a resumed run must read the same)."""
     return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
@@ -909,7 +924,9 @@ class WebDataModule(GenDataModule):
         """The val or test split, read whole from its shards (see the module doc)."""
         urls = self.val_urls if split == "val" else self.test_urls
         if urls is None and split == "test":
-            return self.data_val if self.data_val is not None else self.make_split("val")
+            if self.data_val is None:
+                self.data_val = self.make_split("val")
+            return self.data_val
         source = "urls" if urls is None else f"{split}_urls"
         shards = expand_shards(self.urls if urls is None else urls, source, self.data_dir)
         decoder = self.decoder(training=False)
@@ -956,20 +973,16 @@ class WebDataModule(GenDataModule):
 
     def train_captions(self) -> list[str]:
         """The captions of the training shards in url order, at most ``max_train_captions``
-        (reading only their caption members)."""
+        (reading only their caption members: a local tar by seeking past the images, a remote
+        one streamed)."""
         if not self.captions:
             return []
         if self.captions_read is None:
             captions: list[str] = []
             for url in self.train_urls():
-                streams = tariterators.url_opener([{"url": url}])
-                files = tariterators.tar_file_expander(
-                    streams, select_files=lambda name: name.endswith("." + CAPTION_EXT)
-                )
-                for member in files:
-                    if member:
-                        text = member["data"].decode("utf-8", errors="replace")
-                        captions += [line.strip() for line in text.splitlines() if line.strip()]
+                for data in caption_members(url):
+                    text = data.decode("utf-8", errors="replace")
+                    captions += [line.strip() for line in text.splitlines() if line.strip()]
                 if len(captions) >= self.max_train_captions:
                     break
             self.captions_read = captions[: self.max_train_captions]
