@@ -107,6 +107,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 CAPTION_EXT = "txt"
 LABEL_EXT = "cls"
+STREAM_LOADING_ARGS = ("shuffle_buffer", "epoch_length", "max_train_captions")
 CHUNK = 16  # samples a worker sends at once, and a worker's turn in the main process
 KEPT_POSITIONS = 16  # positions kept behind the newest batch (Lightning prefetches one)
 SHARD_STRIDE = 1_000_000  # index = shard * SHARD_STRIDE + position in the shard
@@ -543,7 +544,7 @@ class StreamLoader:
         self.epochs_started = 0
         self.positions: dict[tuple[int, int], StreamPosition] = {}  # (epoch, batches) -> after
         self.resume: tuple[int, int, StreamPosition] | None = None  # (epoch, batches, position)
-        self.bad: list[str] = []  # the bad samples skipped so far (reported by the workers)
+        self.bad: set[str] = set()  # the bad samples skipped so far (reported by the workers)
 
     def __len__(self) -> int:
         return self.epoch_length
@@ -625,7 +626,7 @@ class StreamLoader:
         while alive:
             while not waiting[worker] and worker not in ended:
                 chunk = next(source)
-                self.bad.extend(chunk["_bad"])
+                self.bad.update(chunk["_bad"])
                 if "_end" in chunk:
                     ended.add(chunk["_worker"])
                 else:
@@ -959,6 +960,16 @@ class WebDataModule(GenDataModule):
             bad_files=self.bad_files,
             max_consecutive_bad=self.max_consecutive_bad,
         )
+        if self.num_workers > len(stream.shards):
+            log.warning(
+                "%s: rank %d has %d training shards for num_workers=%d: %d workers stay idle "
+                "(write smaller shards, or use fewer workers)",
+                self.name,
+                rank,
+                len(stream.shards),
+                self.num_workers,
+                self.num_workers - len(stream.shards),
+            )
         trainer = self.trainer
         self.stream_loader = StreamLoader(
             stream,
@@ -996,6 +1007,14 @@ class WebDataModule(GenDataModule):
             self.data_val = self.make_split("val")
         captions = self.data_val.captions
         return [captions[i % len(captions)][0] for i in range(n)]
+
+    def describe(self) -> dict[str, Any]:
+        """Which data this module yields; how the stream is read (buffer, epoch length, the
+        tokenizer's caption budget) is left out, as the other loading arguments are."""
+        description = super().describe()
+        for key in STREAM_LOADING_ARGS:
+            description.pop(key, None)
+        return description
 
     def unflipped_train_split(self):
         raise NotImplementedError(
