@@ -195,19 +195,22 @@ def fit(urls: str, tmp_path: Path, max_steps: int, ckpt_path: str | None = None,
     return trainer, model
 
 
-def test_resume_mid_epoch_continues_the_stream_exactly(tmp_path):
-    """A run stopped after 5 steps (mid-epoch: 7 batches of 3 per epoch) and resumed trains on
-    exactly the batches of an uninterrupted run, into the next epoch."""
+@pytest.mark.parametrize("stop", [5, 7])
+def test_resume_mid_epoch_continues_the_stream_exactly(tmp_path, stop):
+    """A run stopped after 5 steps (mid-epoch: 7 batches of 3 per epoch) or 7 (the epoch's last
+    batch) and resumed trains on exactly the batches of an uninterrupted run, into the next
+    epoch."""
     urls = write_shards(tmp_path / "shards", [7, 7, 7])
     _, whole = fit(urls, tmp_path / "whole", max_steps=10)
-    saver = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
-    stop = dict(callbacks=[saver], enable_checkpointing=True)
-    _, first = fit(urls, tmp_path / "first", max_steps=5, **stop)
-    ckpt = tmp_path / "ckpt" / "epoch=0-step=5.ckpt"  # saved after step 5, mid-epoch
+    saver = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=stop, save_top_k=-1)
+    _, first = fit(
+        urls, tmp_path / "first", max_steps=stop, callbacks=[saver], enable_checkpointing=True
+    )
+    ckpt = tmp_path / "ckpt" / f"epoch=0-step={stop}.ckpt"  # saved after the step
     (state,) = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"][
         "combined_loader"
     ]
-    assert state["epoch"] == 0 and state["batches"] == 5 and len(state["ranks"]) == 1
+    assert state["epoch"] == 0 and state["batches"] == stop and len(state["ranks"]) == 1
     _, resumed = fit(urls, tmp_path / "resumed", max_steps=10, ckpt_path=str(ckpt))
     assert first.seen + resumed.seen == whole.seen
     assert len(set(sum(whole.seen[:7], []))) == 21  # epoch 0: every sample once
