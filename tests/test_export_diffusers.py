@@ -197,3 +197,15 @@ def test_asymmetric_downsample_is_diffusers_downsample2d() -> None:
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(ours(x), theirs(x)) and ours(x).shape == (2, 4, 4, 4)
     assert set(ours.state_dict()) == {"weight", "bias"}  # nn.Conv2d's names: checkpoints load
+
+
+def test_an_ldm_reads_a_diffusers_export_as_genlab_unless_told(tmp_path) -> None:
+    from genlab.models.diffusion.spaces import LatentSpace
+    from genlab.nn.diffusers_vae import DiffusersFirstStage
+
+    ckpt = random_checkpoint("vae", tmp_path / "model.ckpt", *EXPORTABLE)
+    out, _ = export_diffusers(ckpt, tmp_path / "export", scaling_factor=0.3)
+    assert type(LatentSpace(first_stage_ckpt=str(out)).first_stage).__name__ == "VAE"
+    space = LatentSpace(first_stage_ckpt=str(out), first_stage_format="diffusers")
+    assert isinstance(space.first_stage, DiffusersFirstStage)
+    assert float(space.scale_factor) == pytest.approx(0.3)

@@ -12,8 +12,9 @@ the model is built: ``python src/train.py model=ldm data=coco`` works as typed.
   is missing it is built once, by running the recipe (``python src/train.py <recipe>
   paths.data_dir=<this run's>``) in a subprocess, with its log in ``<file stem>_build/build.log``
   and a progress line every ``PROGRESS_SECONDS``; a lock file makes a second process wait for
-  the first one's build instead of building again, and the checkpoint (weights, no training
-  state) is installed by an atomic rename, so a reader sees no file or the whole file.
+  the first one's build instead of building again (whichever rank of a distributed job gets the
+  lock builds, as one process), and the checkpoint (weights, no training state) is installed by
+  an atomic rename, so a reader sees no file or the whole file.
 
 Then the resolutions are made consistent: a genlab first stage was trained at one resolution, and
 ``data.resolution`` follows it (logged) unless it was set on the command line, in which case a
@@ -26,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -163,7 +165,11 @@ def build(path: Path, recipe: list[str], *, shown: str) -> None:
     start = time.monotonic()
     with open(log_file, "w") as out:
         child = subprocess.Popen(
-            build_command(recipe, run_dir), stdout=out, stderr=subprocess.STDOUT, text=True
+            build_command(recipe, run_dir),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=single_process_env(),
         )
         try:
             while True:
@@ -196,6 +202,18 @@ def build(path: Path, recipe: list[str], *, shown: str) -> None:
     log.warning(f"built the first stage {path} in {info['seconds']:.0f} s")
 
 
+DISTRIBUTED = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK"}
+DISTRIBUTED |= {"MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "GENLAB_RUN_ID"}
+
+
+def single_process_env() -> dict[str, str]:
+    """This process's environment without what would make the build a rank of this run's job
+    (torchrun's and Lightning's variables, SLURM's): the recipe runs as one process."""
+    return {
+        k: v for k, v in os.environ.items() if k not in DISTRIBUTED and not k.startswith("SLURM_")
+    }
+
+
 def last_line(log_file: Path) -> str:
     """The last non-empty line of a build log (progress bars' carriage returns split too)."""
     try:
@@ -205,6 +223,7 @@ def last_line(log_file: Path) -> str:
             text = f.read().decode(errors="replace")
     except OSError:
         return ""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # colours and cursor moves
     lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
     return lines[-1][-160:] if lines else "(no output yet)"
 
@@ -224,8 +243,11 @@ def command_line_keys() -> set[str]:
 def first_stage_resolution(path: str, fmt: str) -> tuple[int | None, int]:
     """(the resolution a first stage was trained at, or None for a diffusers one; its f)."""
     from genlab.nn.diffusers_vae import config_of, diffusers_folder
+    from genlab.utils.export import is_export
 
-    if fmt == "diffusers" or (fmt == "auto" and diffusers_folder(path) is not None):
+    if fmt == "diffusers" or (
+        fmt == "auto" and diffusers_folder(path) is not None and not is_export(path)
+    ):
         config = config_of(path)
         return None, 2 ** (len(config["block_out_channels"]) - 1)
     config = stored_model_config(path)

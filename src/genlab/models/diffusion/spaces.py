@@ -32,6 +32,7 @@ from genlab.models.diffusion.conditioners import Shared
 from genlab.nn.diffusers_vae import diffusers_folder, folder_version, load_diffusers_first_stage
 from genlab.nn.distributions import DiagonalGaussian
 from genlab.utils.checkpoint import load_frozen
+from genlab.utils.export import is_export
 from genlab.utils.io import file_version
 from genlab.utils.rank_logging import RankedLogger
 
@@ -86,8 +87,8 @@ class LatentSpace(PixelSpace):
         first_stage_ckpt: the first stage: a genlab vae / vqgan checkpoint (``python src/train.py
             experiment=vae_shapes_64``) or export folder, or a diffusers ``AutoencoderKL`` /
             ``VQModel`` folder (``save_pretrained``; or a pipeline folder with ``vae/``).
-        first_stage_format: ``auto`` (a folder with a diffusers ``config.json`` is diffusers),
-            ``genlab`` or ``diffusers``.
+        first_stage_format: ``auto`` (a folder with a diffusers ``config.json`` is diffusers,
+            unless it is also a genlab export), ``genlab`` or ``diffusers``.
         scale_factor: multiply latents by this; None: the diffusers first stage's
             ``scaling_factor``, or 1 / std of the first batch's latents for genlab's.
         cache_latents: encode the train split once, at the start of fit, into ``cache_dir`` (or
@@ -265,8 +266,8 @@ def load_first_stage(path: str | Path, first_stage_format: str = "auto") -> nn.M
         )
     key = "model.space.first_stage_ckpt"
     if first_stage_format == "diffusers" or (
-        first_stage_format == "auto" and diffusers_folder(path) is not None
-    ):
+        first_stage_format == "auto" and diffusers_folder(path) is not None and not is_export(path)
+    ):  # a folder that is both (export format=diffusers) is read as genlab's, exactly
         return load_diffusers_first_stage(path, key=key)
     hint = (
         "use a vae or vqgan checkpoint (python src/train.py experiment=vae_shapes_64) or a "
