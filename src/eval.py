@@ -44,6 +44,7 @@ from genlab.utils.task import (
     task_wrapper,
 )
 from genlab.utils.validation import ConfigError, validate_config
+from genlab.utils.wandb_logging import attach_files
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -119,6 +120,10 @@ def evaluate_checkpoint(
     write_report(metrics_file, report)
     if cfg.eval.get("guidance_scales") and len(cfg.eval.guidance_scales) > 1:
         write_sweep(metrics_file.parent, results)
+    sweep = [metrics_file.parent / f"sweep.{ext}" for ext in ("md", "csv", "png")]
+    attach_files(  # a W&B logger (logger=wandb) gets the report and the sweep's plot
+        loggers, [metrics_file, *sweep], kind="evaluation", metadata={"ckpt_path": str(ckpt_path)}
+    )
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
     return report, objects
 

@@ -20,6 +20,7 @@ from genlab.data.coco import CocoDataModule
 from genlab.evaluation.generation import generate_chunk, random_captions
 from genlab.metrics.text_image import CLIPScore
 from test_data_files import write_coco_part
+from test_wandb import artifacts, staged
 
 WORDS = [
     "a",
@@ -159,11 +160,14 @@ def test_random_captions_fixed_seed_each_caption_once_before_twice(tmp_path: Pat
 
 
 def test_eval_py_coco30k_reports_the_pretrained_clip_score(
-    trained_run: Path, tiny_clip: Path, tmp_path: Path
+    trained_run: Path, tiny_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """eval.py protocol=coco30k on a tiny COCO, shrunk to 8 images: the CLIP score of the tiny
-    pretrained CLIP equals the hand computation on the same images (float32 generation)."""
+    pretrained CLIP equals the hand computation on the same images (float32 generation); with
+    logger=wandb the report is attached to the offline W&B run."""
     import genlab
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
 
     write_coco_part(tmp_path / "coco", "val", VAL)
     write_coco_part(tmp_path / "coco", "train", {1: [(100, "a dog")]})
@@ -184,6 +188,7 @@ def test_eval_py_coco30k_reports_the_pretrained_clip_score(
         "callbacks.generative_metrics.num_reference=5",
         f"callbacks.generative_metrics.cache_dir={tmp_path / 'cache'}",
         "trainer.precision=32-true",
+        "logger=wandb",
         f"hydra.run.dir={run_dir}",
         tmp_path=tmp_path,
     )
@@ -216,3 +221,6 @@ def test_eval_py_coco30k_reports_the_pretrained_clip_score(
     )
     assert score == pytest.approx(hand_clip_score(tiny_clip, images, prompts), abs=1e-3)
     assert np.isfinite(score)
+    (run,) = (run_dir / "wandb").glob("offline-run-*")
+    attached = {name for a in artifacts(run)["evaluation"] for name in staged(a)}
+    assert attached == {"test_step000000.json", "metrics.json"}

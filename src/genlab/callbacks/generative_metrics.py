@@ -33,8 +33,10 @@ from genlab.evaluation.protocol import METRICS, check_options, generates, recons
 from genlab.evaluation.reconstruction import evaluate_real, evaluate_reconstructed
 from genlab.evaluation.references import reference_for
 from genlab.evaluation.tools import load_tools
+from genlab.evaluation.verdicts import verdicts
 from genlab.utils.io import atomic_write_text
 from genlab.utils.rank_logging import RankedLogger
+from genlab.utils.wandb_logging import attach_files, log_samples_table, wandb_loggers
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
@@ -85,6 +87,11 @@ class GenerativeMetrics(L.Callback):
         cache_dir: reference-statistics cache folder (None: no cache).
         output_dir: the run folder for ``metrics/*.json``; default ``trainer.default_root_dir``.
         kid_subsets, kid_subset_size, pr_k, is_splits: the metrics' own settings.
+        table_size: with a W&B logger, log a table of the first ``table_size`` generated images
+            of every evaluation (prompt or label, the image, the oracle's verdict where the run
+            has an oracle that reads the prompts) as ``<stage>/samples``; 0: none. The metric
+            JSON (and ``samples/gallery.html`` when there is one) is attached to the W&B run as
+            the artifact ``evaluation-<run id>``. Both on global rank zero only.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class GenerativeMetrics(L.Callback):
         kid_subset_size: int = 1000,
         pr_k: int = 3,
         is_splits: int = 10,
+        table_size: int = 16,
     ) -> None:
         check_options(
             num_samples=num_samples,
@@ -157,6 +165,8 @@ class GenerativeMetrics(L.Callback):
             "pr_k": pr_k,
             "is_splits": is_splits,
         }
+        self.table_size = table_size
+        self.kept: dict[int, torch.Tensor] = {}  # item -> image, for the W&B table (rank zero)
         self.tools: dict[str, Any] | None = None
         self.results: list[dict[str, Any]] = []
         self.warned: set[str] = set()
@@ -231,6 +241,7 @@ class GenerativeMetrics(L.Callback):
             for scale in self.guidance_scales:
                 start = time.monotonic()
                 source = functools.partial(self.generate, pl_module, conditions, scale=scale)
+                source = self.keeping(trainer, source)
                 paired = (
                     "prompts" in conditions
                     and self.reference_split == "val"
@@ -252,6 +263,7 @@ class GenerativeMetrics(L.Callback):
                 protocol["paired"] = paired  # prompt i is reference item i's caption
                 protocol["seconds"] = round(time.monotonic() - start, 2)
                 results.append({"name": "generated", "protocol": protocol, "metrics": values})
+                self.log_table(trainer, stage, conditions, scale)
         if reconstructs(pl_module):
             results.append(
                 evaluate_reconstructed(
@@ -363,6 +375,41 @@ class GenerativeMetrics(L.Callback):
             batch_size=self.batch_size,
         )
 
+    def keeping(self, trainer: L.Trainer, source):
+        """``source`` that also keeps, on global rank zero with a W&B logger, the images of the
+        first ``table_size`` items for the table."""
+        self.kept = {}
+        if not (self.table_size and trainer.is_global_zero and wandb_loggers(trainer.loggers)):
+            return source
+
+        def draw(items: range) -> torch.Tensor:
+            images = source(items)
+            for k, item in enumerate(items):
+                if item < self.table_size:
+                    self.kept[item] = images[k].detach().float().cpu()
+            return images
+
+        return draw
+
+    def log_table(self, trainer: L.Trainer, stage: str, conditions: dict, scale) -> None:
+        """The W&B table of the kept images: prompt (or label), image, the oracle's verdict."""
+        if not self.kept:
+            return
+        items = sorted(self.kept)
+        images = torch.stack([self.kept[i] for i in items])
+        if "prompts" in conditions:
+            texts = [conditions["prompts"][i] for i in items]
+            judged = verdicts((self.tools or {}).get("oracle"), images, texts)
+        else:
+            labels = conditions.get("labels")
+            texts = [f"label {labels[i]}" if labels else f"sample {i}" for i in items]
+            judged = None
+        key = (
+            f"{stage}/samples" if len(self.guidance_scales) == 1 else f"{stage}/w{scale:g}/samples"
+        )
+        log_samples_table(trainer.loggers, key, images, texts, judged, step=trainer.global_step)
+        self.kept = {}
+
     def generate(self, pl_module, conditions: dict, items: range, *, scale) -> torch.Tensor:
         """Images of ``items``: one chunk, from its own seeded generator."""
         options = sampling_options(self.sampling, self.generate_options, scale)
@@ -428,6 +475,9 @@ class GenerativeMetrics(L.Callback):
         folder = Path(self.output_dir or trainer.default_root_dir, "metrics")
         path = folder / f"{stage}_step{trainer.global_step:06d}.json"
         atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
+        gallery = Path(self.output_dir or trainer.default_root_dir, "samples", "gallery.html")
+        metadata = {"stage": stage, "step": trainer.global_step}
+        attach_files(trainer.loggers, [path, gallery], kind="evaluation", metadata=metadata)
 
     def note(self, key: str, message: str) -> None:
         if key not in self.warned:

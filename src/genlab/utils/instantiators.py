@@ -10,6 +10,8 @@ import secrets
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -35,15 +37,39 @@ def instantiate_loggers(
 
     A W&B logger without an ``id`` gets the run id stored next to ``ckpt_path``'s run when
     resuming (so the resumed training continues the same W&B run) or a new one, which is written
-    to ``<output_dir>/wandb_id.txt`` for the next resume.
+    to ``<output_dir>/wandb_id.txt`` for the next resume. Its ``group`` and ``name``, when null,
+    come from :func:`wandb_run_names` (a multirun's jobs form one group). ``offline: true`` with
+    ``log_model`` (which Lightning refuses: it cannot upload) runs W&B with ``mode="offline"``
+    instead, so the checkpoints are artifacts of the offline run and ``wandb sync`` uploads them.
     """
     overrides = {}
     if logger_cfg:
         for name, node in logger_cfg.items():
-            is_wandb = str(node.get("_target_", "")).endswith(WANDB_TARGET)
-            if is_wandb and node.get("id") is None:
-                overrides[name] = {"id": wandb_run_id(output_dir, ckpt_path)}
+            if node is None or not str(node.get("_target_", "")).endswith(WANDB_TARGET):
+                continue
+            names = wandb_run_names(logger_cfg._get_root().get("task_name"))
+            extra = {k: v for k, v in names.items() if node.get(k) is None}
+            if node.get("id") is None:
+                extra["id"] = wandb_run_id(output_dir, ckpt_path)
+            if node.get("offline") and node.get("log_model"):
+                extra |= {"offline": False, "mode": "offline"}
+            overrides[name] = extra
     return instantiate_group(logger_cfg, "logger", overrides)
+
+
+def wandb_run_names(task_name: str | None = None) -> dict[str, str]:
+    """W&B ``group`` and ``name`` from the Hydra run: in a multirun, the group is
+    ``<task name>/<sweep folder name>`` (every job of the sweep in one group) and the name is
+    ``<sweep folder name>/<job number>``, the job's folder (its overrides are in its config); in
+    a single run, the group is the task name and the name is left to W&B."""
+    if not HydraConfig.initialized():
+        return {"group": task_name} if task_name else {}
+    hydra_cfg = HydraConfig.get()
+    task = task_name or hydra_cfg.job.name
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {"group": task}
+    sweep = Path(hydra_cfg.sweep.dir).name
+    return {"group": f"{task}/{sweep}", "name": f"{sweep}/{hydra_cfg.job.num}"}
 
 
 def instantiate_group(
