@@ -13,22 +13,22 @@ and cache builds)::
     for item in progress.track(items, "writing the cache"):
         ...
 
-A bar is drawn with rich only when all of these hold: standard error is a terminal, this
-process is global rank zero (``rank_zero_only.rank``), and progress bars are not switched off
+A bar is drawn with rich only when all of these hold: rich's console (standard output, the one
+Lightning's rich progress bar uses) is a terminal, this process is global rank zero (``rank_zero_only.rank``), and progress bars are not switched off
 (``GENLAB_PROGRESS=0`` in the environment, or :func:`disable`). Otherwise every call is a
 no-op that prints nothing, so logs, CI and tests stay clean; ``GENLAB_PROGRESS=1`` forces bars
 on (for a terminal that does not say it is one).
 
 Bars opened while another is shown are drawn under it in the same display (a nested loop, e.g.
 the denoising steps of one sampling call: :func:`steps`, which draws only inside an open bar).
-A display that rich cannot start (another live display of a different console) falls back to
-no bar rather than failing the run.
+The display lives on rich's global console, so inside Lightning's ``RichProgressBar`` (the
+metrics callback generating at the end of ``trainer.test``) rich nests it in that display. A
+display that rich cannot start falls back to no bar rather than failing the run.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -57,8 +57,9 @@ def enabled() -> bool:
         return False
     if setting in ("1", "true", "yes", "on"):
         return True
-    stream = sys.stderr
-    return bool(getattr(stream, "isatty", None)) and stream.isatty()
+    from rich import get_console
+
+    return get_console().is_terminal
 
 
 class Bar:
@@ -82,7 +83,7 @@ class Bar:
 
 
 def new_display() -> Any:
-    from rich.console import Console
+    from rich import get_console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -101,7 +102,7 @@ def new_display() -> Any:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        console=Console(file=sys.stderr),
+        console=get_console(),
         transient=False,
     )
 
@@ -128,6 +129,8 @@ def bar(description: str, total: float | None = None, *, transient: bool = False
     task = _display.add_task(description, total=total)
     try:
         yield Bar(_display, task)
+        if total is None:  # a spinner: shown as done
+            _display.update(task, total=1, completed=1)
     finally:
         if transient and not opened:
             _display.remove_task(task)
