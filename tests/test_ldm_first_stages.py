@@ -222,6 +222,8 @@ def test_ldm_on_a_diffusers_vae_trains_and_samples_through_the_entry_points(tmp_
         "model=ldm",
         f"model.space.first_stage_ckpt={folder}",
         "model.channels=4",
+        "model.space.cache_latents=true",  # the latent cache holds diffusers' posterior moments
+        f"model.space.cache_dir={tmp_path / 'cache'}",
         "data.resolution=16",
         "data.batch_size=4",
         "data.train_size=16",
@@ -233,6 +235,7 @@ def test_ldm_on_a_diffusers_vae_trains_and_samples_through_the_entry_points(tmp_
     )
     check_ok(result)
     assert "scale_factor = 0.5 (the first stage's scaling_factor)" in result.stdout + result.stderr
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     (ckpt,) = (run_dir / "checkpoints").glob("epoch_*.ckpt")
     saved = torch.load(ckpt, weights_only=False)
     assert saved[FIRST_STAGE_KEY]["path"] == str(folder)
