@@ -267,3 +267,28 @@ def test_ldm_on_a_diffusers_vae_trains_and_samples_through_the_entry_points(tmp_
     tiny_diffusers("kl", folder, seed=1)  # other weights in the same folder: refused on load
     with pytest.raises(ValueError, match="has changed since this LDM was trained"):
         genlab.load(ckpt)
+
+
+def test_data_resolution_follows_the_first_stage(tmp_path) -> None:
+    """In-process (no command line): the data takes a genlab first stage's resolution; a
+    diffusers one takes any multiple of its f and refuses the rest."""
+    from omegaconf import OmegaConf
+
+    from genlab.utils.checkpoint import MODEL_CONFIG_KEY
+    from genlab.utils.first_stages import match_resolution
+    from genlab.utils.validation import ConfigError
+
+    ckpt = tmp_path / "vae.ckpt"
+    config = {"image_size": 16, "decoder": {"channels": [8, 16, 16]}}
+    torch.save({MODEL_CONFIG_KEY: config, "state_dict": {}}, ckpt)
+    cfg = OmegaConf.create({"data": {"resolution": 64}})
+    match_resolution(cfg, str(ckpt), "genlab")
+    assert cfg.data.resolution == 16
+
+    folder = tiny_diffusers("kl", tmp_path / "vae")
+    cfg = OmegaConf.create({"data": {"resolution": 64}})
+    match_resolution(cfg, str(folder), "auto")
+    assert cfg.data.resolution == 64  # convolutional: kept
+    cfg.data.resolution = 15
+    with pytest.raises(ConfigError, match="not a multiple of the first stage's downsampling"):
+        match_resolution(cfg, str(folder), "auto")
