@@ -130,3 +130,80 @@ def test_warmup_cosine_schedule():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.5)
     assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(0.99 * math.pi)))
+
+
+def test_gradient_checkpointing_gives_the_plain_gradients() -> None:
+    """gradient_checkpointing=true (genlab/nn/checkpointing.py) changes memory, not results:
+    the same outputs and parameter gradients for the UNet (dropout on: the recomputation
+    replays its masks), the DALL-E and prior Transformers and the text encoder; the text
+    encoder's per-layer loop equals nn.TransformerEncoder's own forward."""
+    import copy
+
+    from genlab.nn.text_encoder import TransformerTextEncoder
+    from genlab.nn.transformer import DalleTransformer
+    from genlab.nn.unclip import PriorTransformer
+    from genlab.nn.unet import UNet
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    cases = [
+        (
+            UNet(
+                channels=[8, 16],
+                attention_levels=[1],
+                heads=2,
+                groups=4,
+                context_dim=8,
+                dropout=0.2,
+            ),
+            lambda net: net(
+                torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), context=torch.randn(2, 5, 8)
+            ),
+        ),
+        (
+            DalleTransformer(
+                vocab_size=60, text_length=4, grid=2, width=16, layers=2, heads=2, dropout=0.1
+            ),
+            lambda net: net(ids),
+        ),
+        (
+            PriorTransformer(
+                embed_dim=8, text_width=8, context_length=8, width=16, layers=2, heads=2
+            ),
+            lambda net: net(
+                torch.randn(2, 8),
+                torch.tensor([1, 9]),
+                text_tokens=torch.randn(2, 8, 8),
+                text_mask=mask,
+                text_embed=torch.randn(2, 8),
+            ),
+        ),
+        (
+            TransformerTextEncoder(vocab_size=50, context_length=8, width=16, layers=2, heads=2),
+            lambda net: net(ids, mask)[0],
+        ),
+    ]
+    for plain, run in cases:
+        checkpointed = copy.deepcopy(plain)
+        checkpointed.gradient_checkpointing = True
+        results = []
+        for net in (plain, checkpointed):
+            torch.manual_seed(1)  # the same inputs and dropout masks for both
+            out = run(net)
+            out.float().square().mean().backward()
+            results.append(
+                (out.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None])
+            )
+        (out_a, grads_a), (out_b, grads_b) = results
+        torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+        assert len(grads_a) == len(grads_b) > 0
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    encoder = cases[-1][0].eval()
+    x = encoder.token_embed(ids) + encoder.pos_embed[:8]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            encoder(ids, mask)[0], encoder.norm(encoder.encoder(x, src_key_padding_mask=~mask))
+        )

@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from genlab.nn.checkpointing import run_block
+
 
 class TransformerTextEncoder(nn.Module):
     """Token + learned position embeddings, pre-LN Transformer encoder layers, final LayerNorm.
 
     Returns the per-token features for cross-attention and their mean over real tokens as the
     pooled vector (the pooled text embedding that Imagen adds to the timestep embedding).
+    ``gradient_checkpointing`` recomputes each layer in the backward pass
+    (genlab/nn/checkpointing.py).
     """
 
     def __init__(
@@ -22,8 +26,10 @@ class TransformerTextEncoder(nn.Module):
         layers: int = 2,
         heads: int = 4,
         dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         self.vocab_size, self.context_length, self.width = vocab_size, context_length, width
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.randn(context_length, width) * 0.01)
@@ -36,7 +42,9 @@ class TransformerTextEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, mask: (B, L) → tokens (B, L, width), pooled (B, width)."""
         x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]  # (B, L, W)
-        x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
+        for layer in self.encoder.layers:  # nn.TransformerEncoder's loop, one layer at a time
+            x = run_block(layer, x, src_key_padding_mask=~mask, enabled=self.gradient_checkpointing)
+        x = self.norm(x)
         weights = mask.to(x.dtype)[..., None]  # (B, L, 1)
         pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return x, pooled

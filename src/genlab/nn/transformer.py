@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genlab.nn.checkpointing import run_block
+
 ImageAttention = Literal["full", "row", "column", "conv"]
 PATTERNS = ("full", "row", "column", "conv")
 
@@ -149,6 +151,8 @@ class DalleTransformer(nn.Module):
             is dense causal attention).
         conv_kernel: k of the ``conv`` pattern.
         dropout: residual, MLP and attention dropout.
+        gradient_checkpointing: recompute each block in the backward pass instead of keeping
+            its activations (genlab/nn/checkpointing.py; never with a KV cache).
     """
 
     def __init__(
@@ -163,8 +167,10 @@ class DalleTransformer(nn.Module):
         image_attention: Sequence[ImageAttention] = ("full",),
         conv_kernel: int = 11,
         dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         if not image_attention:
             raise ValueError("model.net.image_attention needs at least one pattern")
         self.vocab_size, self.text_length, self.grid = vocab_size, text_length, grid
@@ -210,8 +216,9 @@ class DalleTransformer(nn.Module):
         if end > self.length:
             raise ValueError(f"{end} positions exceed the transformer's {self.length}")
         x = self.drop(self.token_embed(ids) + self.positions(start, end))  # (B, t, width)
+        checkpointed = self.gradient_checkpointing and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, self.mask(i)[start:end, :end], cache, i)
+            x = run_block(block, x, self.mask(i)[start:end, :end], cache, i, enabled=checkpointed)
         if cache is not None:
             cache.length = end
         return self.head(self.norm(x))

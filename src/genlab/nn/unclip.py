@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from genlab.nn.checkpointing import run_block
 from genlab.nn.embeddings import TimestepEmbedding
 from genlab.nn.transformer import Block, init_weights
 
@@ -38,6 +39,8 @@ class PriorTransformer(nn.Module):
         context_length: the most text tokens (the CLIP text tower's context length).
         width, layers, heads: the Transformer's size.
         dropout: dropout in attention and MLPs.
+        gradient_checkpointing: recompute each block in the backward pass
+            (genlab/nn/checkpointing.py).
     """
 
     def __init__(
@@ -50,8 +53,10 @@ class PriorTransformer(nn.Module):
         layers: int = 4,
         heads: int = 4,
         dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         if width % heads:
             raise ValueError(f"prior width={width} not divisible by heads={heads}")
         self.embed_dim, self.context_length = embed_dim, context_length
@@ -113,7 +118,7 @@ class PriorTransformer(nn.Module):
         mask = (causal & keys[:, None, :]) | self_only  # (B, S, S): query row, key column
         mask = mask[:, None]  # (B, 1, S, S), broadcast over heads
         for block in self.blocks:
-            seq = block(seq, mask)
+            seq = run_block(block, seq, mask, enabled=self.gradient_checkpointing)
         return self.out(self.norm(seq[:, -1]))  # (B, d)
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from genlab.nn.attention import AttentionImpl, SpatialAttention
+from genlab.nn.checkpointing import run_block
 from genlab.nn.embeddings import TimestepEmbedding
 
 
@@ -119,6 +120,8 @@ class UNet(nn.Module):
         aug_level_embedding: embed the low-resolution image's augmentation level (in [0, 1])
             and add it to the timestep embedding.
         skip_scale: factor on the encoder's skip connections (Imagen: 1/√2).
+        gradient_checkpointing: recompute each block's activations in the backward pass
+            instead of keeping them (genlab/nn/checkpointing.py): less memory, more compute.
     """
 
     def __init__(
@@ -142,8 +145,10 @@ class UNet(nn.Module):
         aug_level_embedding: bool = False,
         skip_scale: float = 1.0,
         attn_impl: AttentionImpl = "auto",
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         channels = check_levels("unet", channels, attention_levels, groups)
         check_levels("unet", channels, cross_attention_levels, groups)
         both = sorted(set(attention_levels) & set(cross_attention_levels))
@@ -260,18 +265,21 @@ class UNet(nn.Module):
         skips = []
         for level, blocks in enumerate(self.down):
             for block in blocks:
-                h = block(h, emb, context, context_mask)
+                h = self.run(block, h, emb, context, context_mask)
             skips.append(h)  # (B, C_level, H / 2^level, W / 2^level)
             if level < len(self.downsample):
                 h = self.downsample[level](h)
-        h = self.mid(h, emb, context, context_mask)
+        h = self.run(self.mid, h, emb, context, context_mask)
         for i, blocks in enumerate(self.up):
             h = torch.cat([h, skips.pop() * self.skip_scale], dim=1)  # (B, C + C_skip, h, w)
             for block in blocks:
-                h = block(h, emb, context, context_mask)
+                h = self.run(block, h, emb, context, context_mask)
             if i < len(self.upsample):
                 h = self.upsample[i](h)
         return self.head(h)
+
+    def run(self, block: Level, h, emb, context, context_mask) -> torch.Tensor:
+        return run_block(block, h, emb, context, context_mask, enabled=self.gradient_checkpointing)
 
 
 def check_levels(name: str, channels, attention_levels, groups: int) -> list[int]:
