@@ -163,8 +163,9 @@ def test_eval_py_coco30k_reports_the_pretrained_clip_score(
     trained_run: Path, tiny_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """eval.py protocol=coco30k on a tiny COCO, shrunk to 8 images: the CLIP score of the tiny
-    pretrained CLIP equals the hand computation on the same images (float32 generation); with
-    logger=wandb the report is attached to the offline W&B run."""
+    pretrained CLIP equals the hand computation on the same images (float32 generation); FID
+    (on that CLIP's image embeddings here, Inception's in the preset) is against every val image;
+    with logger=wandb the report is attached to the offline W&B run."""
     import genlab
 
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
@@ -183,7 +184,7 @@ def test_eval_py_coco30k_reports_the_pretrained_clip_score(
         "data.val_size=2",
         "eval.num_samples=8",
         f"eval.clip_model={tiny_clip}",
-        "callbacks.generative_metrics.features=auto",  # no Inception weights here: FID skipped
+        "callbacks.generative_metrics.features=clip",  # no Inception weights here: CLIP's FID
         "callbacks.generative_metrics.batch_size=4",
         "callbacks.generative_metrics.num_reference=5",
         f"callbacks.generative_metrics.cache_dir={tmp_path / 'cache'}",
@@ -206,6 +207,10 @@ def test_eval_py_coco30k_reports_the_pretrained_clip_score(
     }
     assert protocol["clip_model"] == str(tiny_clip) and protocol["paired"] is False
     assert protocol["num_samples"] == 8
+    reference = protocol["reference"]  # every val2017 image (test split), at the data's size
+    assert (reference["split"], reference["num_images"]) == ("test", 5)
+    assert (reference["dataset"], reference["resolution"]) == ("coco", 16)
+    assert protocol["extractor"] == "clip-image-embedding" and "fid" in generated["metrics"]
     score = report["metrics"]["test/clip_score"]
     assert score == pytest.approx(generated["metrics"]["clip_score"], rel=1e-6)  # float32 log
 
