@@ -229,3 +229,20 @@ def test_eval_py_coco30k_reports_the_pretrained_clip_score(
     (run,) = (run_dir / "wandb").glob("offline-run-*")
     attached = {name for a in artifacts(run)["evaluation"] for name in staged(a)}
     assert attached == {"test_step000000.json", "metrics.json"}
+
+
+def test_the_coco30k_preset_composes_the_field_protocol() -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("eval.yaml", overrides=["ckpt_path=x.ckpt", "protocol=coco30k"])
+        shrunk = compose("eval.yaml", overrides=["protocol=coco30k", "eval.num_samples=8"])
+    metrics = cfg.callbacks.generative_metrics
+    assert metrics.num_samples == 30000 and shrunk.callbacks.generative_metrics.num_samples == 8
+    assert (metrics.preset, metrics.features) == ("coco30k", "inception")
+    assert (metrics.prompt_split, metrics.prompt_seed) == ("test", 2022)
+    assert (metrics.reference_split, metrics.num_reference) == ("test", 5000)
