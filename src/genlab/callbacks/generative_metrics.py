@@ -36,7 +36,6 @@ from genlab.evaluation.tools import load_tools
 from genlab.evaluation.verdicts import verdicts
 from genlab.utils.io import atomic_write_text
 from genlab.utils.rank_logging import RankedLogger
-from genlab.utils.sharding import full_weights
 from genlab.utils.wandb_logging import attach_files, log_samples_table, wandb_loggers
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -89,9 +88,9 @@ class GenerativeMetrics(L.Callback):
         output_dir: the run folder for ``metrics/*.json``; default ``trainer.default_root_dir``.
         kid_subsets, kid_subset_size, pr_k, is_splits: the metrics' own settings.
         table_size: with a W&B logger, log a table of the first ``table_size`` generated images
-            of every evaluation (those among them that rank zero drew: all of them when
-            ``table_size <= batch_size``) (prompt or label, the image, the oracle's verdict where the run
-            has an oracle that reads the prompts) as ``<stage>/samples``; 0: none. The metric
+            of every evaluation (prompt or label, the image, the oracle's verdict where the run
+            has an oracle that reads the prompts) as ``<stage>/samples``; 0: none. Only the images
+            that rank zero drew are kept (all of them when ``table_size <= batch_size``). The metric
             JSON (and ``samples/gallery.html`` when there is one) is attached to the W&B run as
             the artifact ``evaluation-<run id>``. Both on global rank zero only.
     """
@@ -204,8 +203,8 @@ class GenerativeMetrics(L.Callback):
             return []
         was_training = pl_module.training
         pl_module.eval()
-        try:  # full_weights: every rank gathers FSDP's shards once, then draws on its own
-            with trainer.precision_plugin.forward_context(), full_weights(pl_module):
+        try:
+            with trainer.precision_plugin.forward_context():
                 results = self.evaluate(trainer, pl_module, stage)
         finally:
             pl_module.train(was_training)
