@@ -112,7 +112,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     if ckpt_path not in ("last", "auto"):
         return ckpt_path
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    if last.exists():  # a file, or a folder of shards (trainer=fsdp)
         log.info(f"ckpt_path={ckpt_path}: resuming from {last}")
         return str(last)
     if ckpt_path == "last":

@@ -36,6 +36,7 @@ from genlab.evaluation.tools import load_tools
 from genlab.evaluation.verdicts import verdicts
 from genlab.utils.io import atomic_write_text
 from genlab.utils.rank_logging import RankedLogger
+from genlab.utils.sharding import full_weights
 from genlab.utils.wandb_logging import attach_files, log_samples_table, wandb_loggers
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -203,8 +204,8 @@ class GenerativeMetrics(L.Callback):
             return []
         was_training = pl_module.training
         pl_module.eval()
-        try:
-            with trainer.precision_plugin.forward_context():
+        try:  # full_weights: every rank gathers FSDP's shards once, then draws on its own
+            with trainer.precision_plugin.forward_context(), full_weights(pl_module):
                 results = self.evaluate(trainer, pl_module, stage)
         finally:
             pl_module.train(was_training)

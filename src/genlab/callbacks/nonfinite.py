@@ -61,7 +61,8 @@ class NonFiniteGuard(L.Callback):
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16: torch's GradScaler skips inf steps itself
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        # each rank checks its own shard under FSDP (the flags are summed below)
+        grads = [local_tensor(p.grad) for p in params if p.grad is not None]
         local = bool(grads) and not all_finite(grads)
         bad = trainer.strategy.reduce(
             torch.tensor(float(local), device=trainer.strategy.root_device), reduce_op="sum"
@@ -102,3 +103,9 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
     suspects = (~norms.isfinite()).nonzero().flatten().tolist()
     return all(bool(tensors[i].isfinite().all()) for i in suspects)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded tensor (a DTensor under trainer=fsdp), else the tensor."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()

@@ -20,6 +20,7 @@ from genlab.models.contract import resolve_sampling
 from genlab.utils.gallery import gallery_section, write_gallery
 from genlab.utils.images import grid_to_pil, save_image_grid
 from genlab.utils.rank_logging import RankedLogger
+from genlab.utils.sharding import full_weights
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
@@ -104,14 +105,20 @@ class SampleGrid(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         due = self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        if fitting and due and trainer.is_global_zero:
-            self.draw(trainer, pl_module, f"step_{trainer.global_step:06d}", key="samples")
-            self.draw_reconstructions(
-                trainer, pl_module, f"recon_step_{trainer.global_step:06d}", key="reconstructions"
-            )
+        if not (fitting and due):
+            return
+        with full_weights(pl_module):  # every rank (a collective under trainer=fsdp)
+            if trainer.is_global_zero:
+                step = trainer.global_step
+                self.draw(trainer, pl_module, f"step_{step:06d}", key="samples")
+                self.draw_reconstructions(
+                    trainer, pl_module, f"recon_step_{step:06d}", key="reconstructions"
+                )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
+        with full_weights(pl_module):  # every rank (a collective under trainer=fsdp)
+            if not trainer.is_global_zero:
+                return
             self.draw(trainer, pl_module, "final", key="samples/final")
             self.draw_reconstructions(
                 trainer, pl_module, "recon_final", key="reconstructions/final"

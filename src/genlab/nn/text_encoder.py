@@ -48,3 +48,7 @@ class TransformerTextEncoder(nn.Module):
         weights = mask.to(x.dtype)[..., None]  # (B, L, 1)
         pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return x, pooled
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The layers that FSDP shards one by one (genlab/utils/sharding.py)."""
+        return list(self.encoder.layers)

@@ -223,6 +223,10 @@ class DalleTransformer(nn.Module):
             cache.length = end
         return self.head(self.norm(x))
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks that FSDP shards one by one (genlab/utils/sharding.py)."""
+        return list(self.blocks)
+
     def new_cache(self) -> KVCache:
         """An empty cache for decoding with this network."""
         return KVCache(self.layers, self.length)

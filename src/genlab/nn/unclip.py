@@ -121,6 +121,10 @@ class PriorTransformer(nn.Module):
             seq = run_block(block, seq, mask, enabled=self.gradient_checkpointing)
         return self.out(self.norm(seq[:, -1]))  # (B, d)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks that FSDP shards one by one (genlab/utils/sharding.py)."""
+        return list(self.blocks)
+
 
 class EmbeddingConditioning(nn.Module):
     """A CLIP image embedding as ``tokens`` context tokens and a timestep-embedding vector.

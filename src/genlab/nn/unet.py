@@ -278,6 +278,14 @@ class UNet(nn.Module):
                 h = self.upsample[i](h)
         return self.head(h)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks that FSDP shards one by one (genlab/utils/sharding.py)."""
+        return [
+            *(b for blocks in self.down for b in blocks),
+            self.mid,
+            *(b for blocks in self.up for b in blocks),
+        ]
+
     def run(self, block: Level, h, emb, context, context_mask) -> torch.Tensor:
         return run_block(block, h, emb, context, context_mask, enabled=self.gradient_checkpointing)
 

@@ -39,23 +39,30 @@ class ModelConfigInCheckpoint(L.Callback):
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file onto the CPU, with a clear error when it is missing or foreign; an
-    exported folder (``src/export.py``, :mod:`genlab.utils.export`) reads as one."""
+    exported folder (``src/export.py``, :mod:`genlab.utils.export`) and a sharded checkpoint
+    folder (``trainer=fsdp``, :mod:`genlab.utils.sharding`) read as one."""
     from genlab.utils.export import is_export, read_export
+    from genlab.utils.sharding import is_sharded_checkpoint, read_sharded_checkpoint
 
     path = Path(path)
     if is_export(path):
         return read_export(path)
-    if path.is_dir():
+    if is_sharded_checkpoint(path):  # trainer=fsdp's last.ckpt: shard files + meta.pt
+        ckpt = read_sharded_checkpoint(path)
+    elif path.is_dir():
         raise ValueError(
             f"ckpt_path={str(path)!r} is a folder but not a genlab export (no genlab.json and "
             "model.safetensors): give a .ckpt file or an exported folder"
         )
-    if not path.is_file():
+    elif not path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(path)!r}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated or not a torch file
-        raise ValueError(f"ckpt_path={str(path)!r} is not a readable checkpoint: {err}") from err
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # truncated or not a torch file
+            raise ValueError(
+                f"ckpt_path={str(path)!r} is not a readable checkpoint: {err}"
+            ) from err
     if MODEL_CONFIG_KEY not in ckpt:
         raise ValueError(
             f"ckpt_path={str(path)!r} has no {MODEL_CONFIG_KEY!r}: it was not written by a genlab "
