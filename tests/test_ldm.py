@@ -91,7 +91,7 @@ def test_ldm_trains_through_train_py(first_stages, encoder: str, tmp_path: Path)
     )
     check_ok(result)
     assert "scale_factor = 1 / std" in result.stdout + result.stderr
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
     (ckpt,) = (run_dir / "checkpoints").glob("epoch_*.ckpt")
     saved = torch.load(ckpt, weights_only=False)
     assert saved[FIRST_STAGE_KEY]["path"] == str(first_stages["vae"])
@@ -245,26 +245,27 @@ def test_latent_cache_is_built_once_reused_and_rebuilt_for_a_new_first_stage(
     caplog.set_level(logging.INFO, logger="genlab.data.latent_cache")
     vae, cache = Path(shutil.copy(first_stages["vae"], tmp_path / "vae.ckpt")), tmp_path / "cache"
     fit_briefly(cached_ldm(vae, cache), tmp_path, steps=2)
-    (built,) = cache.glob("*.pt")
-    assert "latent cache: built" in caplog.text and not list(cache.glob(".*.tmp-*"))
-    stamp = built.stat().st_mtime_ns
+    (built,) = (m.parent for m in cache.glob("*/manifest.json"))
+    assert "latent cache: built" in caplog.text and not list(cache.glob("*/.*.tmp-*"))
+    stamp = (built / "manifest.json").stat().st_mtime_ns
 
     caplog.clear()
-    monkeypatch.setattr(ldm_module, "extract_split", None)  # building again would fail
+    monkeypatch.setattr(ldm_module, "build_store", None)  # building again would fail
     model = cached_ldm(vae, cache)
     fit_briefly(model, tmp_path, steps=2)
     assert f"latent cache: reusing {built}" in caplog.text
     assert "latent cache: built" not in caplog.text
-    assert list(cache.glob("*.pt")) == [built] and built.stat().st_mtime_ns == stamp
-    assert model.space.cache.rows.shape == (32, 1, 8, SIZE // 4, SIZE // 4)  # (N, O, 2C, h, w)
-    assert model.space.cache.rows.dtype == torch.float16
+    assert [m.parent for m in cache.glob("*/manifest.json")] == [built]
+    assert (built / "manifest.json").stat().st_mtime_ns == stamp
+    assert model.space.cache.shape == (32, 1, 8, SIZE // 4, SIZE // 4)  # (N, O, 2C, h, w)
+    assert model.space.cache.rows([0, 1]).dtype == torch.float16
     monkeypatch.undo()
 
     make_first_stage("vae", vae, steps=1)  # retrained: other weights, same path
     caplog.clear()
     fit_briefly(cached_ldm(vae, cache), tmp_path)
-    assert "latent cache: built" in caplog.text and len(list(cache.glob("*.pt"))) == 2
-    assert built.stat().st_mtime_ns == stamp  # the old first stage's cache is left alone
+    assert "latent cache: built" in caplog.text and len(list(cache.glob("*/manifest.json"))) == 2
+    assert (built / "manifest.json").stat().st_mtime_ns == stamp  # the old cache is left alone
 
 
 @pytest.mark.parametrize("kind", ["vae", "vqgan"])
@@ -277,7 +278,7 @@ def test_training_from_the_cache_gives_the_encoders_x0(first_stages, kind, tmp_p
     images = torch.stack([batch[int(i)]["image"] for i in index])
     encoded = model.space.first_stage.encode(images)
     if kind == "vae":  # the posterior's moments are stored, the sample is drawn at each step
-        rows = model.space.cache.rows[index, 0].float()
+        rows = model.space.cache.rows(index)[:, 0].float()
         assert torch.allclose(rows[:, :4], encoded.mean, rtol=1e-3, atol=1e-3)
         assert torch.allclose(rows[:, 4:], encoded.logvar, rtol=1e-3, atol=1e-3)
     torch.manual_seed(5)
@@ -321,7 +322,7 @@ def test_random_flips_are_drawn_on_both_cached_orientations(first_stages, tmp_pa
     unflipped = datamodule.unflipped_train_split()
     images = torch.stack([unflipped[i]["image"] for i in range(32)])
     assert torch.allclose(images, datamodule.images[:32], atol=1e-6)  # really unflipped
-    cache = model.space.cache.rows.float()  # (32, 2, 4, h, w): the images, then their mirror images
+    cache = model.space.cache.rows(range(32)).float()  # (32, 2, 4, h, w): images, mirror images
     for o, view in enumerate([images, images.flip(-1)]):
         assert torch.allclose(
             cache[:, o], model.space.first_stage.encode(view), rtol=1e-3, atol=1e-3
@@ -350,13 +351,14 @@ def test_random_crops_and_undeclared_augmentation_are_refused(first_stages, tmp_
 
 
 def test_ddp_ranks_build_one_cache_in_item_order(first_stages, tmp_path) -> None:
-    """Two gloo processes encode half of the train split each; rank 0 writes one file, which a
-    single-process run of the same recipe finds (the key does not depend on the ranks) and which
-    equals, row by row, the cache that one process builds."""
+    """Two gloo processes encode two chunks of 8 items each (1 KiB chunks: 8 rows of 128 bytes);
+    rank 0 writes the manifest of one store, which equals, row by row, the cache that one process
+    builds."""
     recipe = [
         "experiment=ldm_shapes",
         f"model.space.first_stage_ckpt={first_stages['vqgan']}",
         "model.space.cache_latents=true",
+        f"model.space.cache_chunk_mb={1 / 1024}",
         *LDM_TINY,
         *TINY_BPE,
     ]
@@ -374,8 +376,9 @@ def test_ddp_ranks_build_one_cache_in_item_order(first_stages, tmp_path) -> None
         tmp_path=tmp_path,
     )
     check_ok(result)
-    (ddp,) = (tmp_path / "ddp").glob("*.pt")
+    (ddp,) = (tmp_path / "ddp").glob("*/manifest.json")
     stamp = ddp.stat().st_mtime_ns
+    assert len(list(ddp.parent.glob("latents-*.npy"))) == 4  # 4 chunks of 8 rows, 2 per rank
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -389,8 +392,9 @@ def test_ddp_ranks_build_one_cache_in_item_order(first_stages, tmp_path) -> None
             tmp_path, max_steps=1, limit_val_batches=0, precision=cfg.trainer.precision
         )
         trainer.fit(model, datamodule=datamodule)
-        caches[name] = model.space.cache.rows.float()
-    assert ddp.stat().st_mtime_ns == stamp and len(list((tmp_path / "single").glob("*.pt"))) == 1
+        caches[name] = model.space.cache.rows(range(32)).float()
+    single = list((tmp_path / "single").glob("*/manifest.json"))
+    assert ddp.stat().st_mtime_ns == stamp and len(single) == 1
     ddp_rows, rows = caches["ddp"], caches["single"]
     assert ddp_rows.shape == rows.shape == (32, 1, 4, SIZE // 4, SIZE // 4)
     assert (ddp_rows - rows).abs().max() < 1e-2 < (rows[1:] - rows[:-1]).abs().mean()

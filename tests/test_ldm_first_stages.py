@@ -235,7 +235,7 @@ def test_ldm_on_a_diffusers_vae_trains_and_samples_through_the_entry_points(tmp_
     )
     check_ok(result)
     assert "scale_factor = 0.5 (the first stage's scaling_factor)" in result.stdout + result.stderr
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
     (ckpt,) = (run_dir / "checkpoints").glob("epoch_*.ckpt")
     saved = torch.load(ckpt, weights_only=False)
     assert saved[FIRST_STAGE_KEY]["path"] == str(folder)

@@ -14,8 +14,8 @@
   file is refused with a message. A config without a first stage (``first_stage_ckpt: null``) is
   completed by the entry points, which find or build one by ``first_stage_recipe``
   (``genlab.utils.first_stages``); the constructor never trains one.
-  With ``cache_latents`` the train split is encoded once into a file that training reads by item
-  index (``genlab.data.latent_cache``).
+  With ``cache_latents`` the train split is encoded once into a store that training reads by item
+  index (``genlab.data.latent_cache``), written in chunks and memory-mapped.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genlab.data.chunked_store import DEFAULT_CHUNK_MB
 from genlab.data.latent_cache import LatentCache
 from genlab.models.diffusion.conditioners import Shared
 from genlab.nn.diffusers_vae import diffusers_folder, folder_version, load_diffusers_first_stage
@@ -93,7 +94,9 @@ class LatentSpace(PixelSpace):
             ``scaling_factor``, or 1 / std of the first batch's latents for genlab's.
         cache_latents: encode the train split once, at the start of fit, into ``cache_dir`` (or
             reuse that file) and train from it.
-        cache_dir: the folder of latent caches.
+        cache_dir: the folder of latent caches (one store folder per content key).
+        cache_chunk_mb: the build writes the cache in chunk files of at most this many MiB,
+            each rank holding one chunk in memory at a time.
         first_stage_recipe, first_stage_dir: read by the entry points only, to find or build a
             first stage when ``first_stage_ckpt`` is null (``genlab.utils.first_stages``).
     """
@@ -108,6 +111,7 @@ class LatentSpace(PixelSpace):
         scale_factor: float | None = None,
         cache_latents: bool = False,
         cache_dir: str | None = None,
+        cache_chunk_mb: float = DEFAULT_CHUNK_MB,
         first_stage_recipe: list[str] | None = None,
         first_stage_dir: str | None = None,
     ):
@@ -135,6 +139,7 @@ class LatentSpace(PixelSpace):
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or 1.0)))
         self.register_buffer("scale_set", torch.tensor(scale_factor is not None))
         self.cache_latents, self.cache_dir = cache_latents, cache_dir
+        self.cache_chunk_mb = float(cache_chunk_mb)
         self.cache: LatentCache | None = None
         self.trainer: Any = None  # set at fit start, for the rank-0 broadcast of scale_factor
 
@@ -232,6 +237,7 @@ class LatentSpace(PixelSpace):
                 self.first_stage,
                 cache_dir=Path(self.cache_dir),
                 first_stage_version=self.first_stage_version,
+                chunk_mb=self.cache_chunk_mb,
             )
 
     def checkpoint_entries(self) -> dict[str, Any]:
