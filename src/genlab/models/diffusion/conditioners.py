@@ -27,12 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genlab.data.text_cache import TextCacheOptions, TextEmbeddingCache
 from genlab.data.tokenizer import TOKENIZER_KEY, BPETokenizer, train_for_datamodule
 from genlab.diffusion.schedules import cosine_log_snr
 from genlab.models.contract import check_prompts
 from genlab.nn.unclip import EmbeddingConditioning
 from genlab.utils.checkpoint import load_frozen
 from genlab.utils.io import file_version
+from genlab.utils.rank_logging import RankedLogger
+
+log = RankedLogger(__name__, rank_zero_only=True)
 
 CLIP_KEY = "genlab_unclip_clip"  # the CLIP file an unCLIP model was trained with
 Conditions = dict[str, Any]  # name -> list (one entry per image) or tensor (rows = images)
@@ -99,6 +103,9 @@ class Conditioner(nn.Module):
     def setup(self, trainer: Any, model_name: str) -> None:
         """Prepare what needs the data (the text conditioner's tokenizer)."""
 
+    def on_fit_start(self, trainer: Any) -> None:
+        """Prepare what training needs, on the training device (the text-embedding cache)."""
+
     def checkpoint_entries(self) -> dict[str, Any]:
         """What the model's checkpoint keeps of this conditioner outside its ``state_dict``."""
         return {}
@@ -128,19 +135,42 @@ class TextConditioner(Conditioner):
     on the training captions at setup, or a frozen pretrained encoder that tokenizes for itself
     (``genlab.nn.pretrained_text``). Null: the empty caption.
 
+    With ``cache`` enabled (``model.text_cache``, frozen encoders only) the distinct training
+    captions are encoded once at the start of fit into a memory-mapped store
+    (``genlab.data.text_cache``) that :meth:`forward` reads instead of running the encoder.
+
     Args:
         encoder: maps token ids to (tokens, pooled), or has ``encode(captions)``.
         tokenizer_vocab_size: the BPE vocabulary, at most the encoder's embedding rows.
+        cache: the options of :class:`~genlab.data.text_cache.TextCacheOptions`, or None.
     """
 
     keys = ("caption",)
     shares_drop = True
 
-    def __init__(self, encoder: nn.Module, *, tokenizer_vocab_size: int | None = 512):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        tokenizer_vocab_size: int | None = 512,
+        cache: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.tokenizer_vocab_size = tokenizer_vocab_size
         self.slot = Shared()  # the BPE tokenizer, shared with the EMA copy
+        self.cache_options = TextCacheOptions(**(cache or {}))
+        if self.cache_options.enabled and not self.pretrained:
+            raise ValueError(
+                "model.text_cache.enabled=true caches a frozen text encoder's features, but "
+                f"{type(encoder).__name__} is trained with the model: use model/text_encoder="
+                "minilm, t5 or clip, or set model.text_cache.enabled=false"
+            )
+        self.cache_slot = Shared()  # the TextEmbeddingCache, shared with the EMA copy
+
+    @property
+    def cache(self) -> TextEmbeddingCache | None:
+        return self.cache_slot.value
 
     @property
     def pretrained(self) -> bool:
@@ -167,6 +197,15 @@ class TextConditioner(Conditioner):
             model=model_name,
         )
 
+    def on_fit_start(self, trainer: Any) -> None:
+        """Open (building it first if needed) the text-embedding cache, when enabled."""
+        if not self.cache_options.enabled:
+            return
+        if trainer.fast_dev_run:
+            log.info("text cache: not built for a fast_dev_run; encoding each batch instead")
+            return
+        self.cache_slot.value = TextEmbeddingCache.open(trainer, self.encoder, self.cache_options)
+
     def checkpoint_entries(self) -> dict[str, Any]:
         return {} if self.tokenizer is None else {TOKENIZER_KEY: self.tokenizer.to_json()}
 
@@ -187,7 +226,10 @@ class TextConditioner(Conditioner):
     def forward(self, conditions: Conditions, device: torch.device) -> dict[str, Any]:
         captions = conditions["caption"]
         if self.pretrained:
-            encoding = self.encoder.encode(captions)
+            cache = self.cache
+            encoding = (
+                self.encoder.encode(captions) if cache is None else cache.encode(captions, device)
+            )
             mask = encoding.mask.to(device)
             return {"context": encoding.tokens, "context_mask": mask, "cond": encoding.pooled}
         if self.tokenizer is None:
@@ -240,12 +282,17 @@ class LabelConditioner(Conditioner):
 
 
 def build_conditioners(
-    condition: str, text_encoder: nn.Module | None, num_classes: int | None, vocab_size: int | None
+    condition: str,
+    text_encoder: nn.Module | None,
+    num_classes: int | None,
+    vocab_size: int | None,
+    text_cache: dict[str, Any] | None = None,
 ) -> dict[str, Conditioner]:
-    """The conditioner of a model's ``condition``: the caption's through ``text_encoder``, the
-    label's, or none."""
+    """The conditioner of a model's ``condition``: the caption's through ``text_encoder`` (with
+    the text-embedding cache's options), the label's, or none."""
     if condition == "text":
-        return {"text": TextConditioner(text_encoder, tokenizer_vocab_size=vocab_size)}
+        text = TextConditioner(text_encoder, tokenizer_vocab_size=vocab_size, cache=text_cache)
+        return {"text": text}
     if condition == "label":
         return {"label": LabelConditioner(num_classes)}
     return {}

@@ -92,6 +92,8 @@ class DiffusionModel(L.LightningModule):
         offset_noise: std of a per-channel constant added to the noise (Guttenberg 2023).
         cond_drop_prob: probability of training on the null caption or label.
         tokenizer_vocab_size: BPE vocabulary size, at most the text encoder's embedding rows.
+        text_cache: the text-embedding cache of a frozen text encoder (``enabled``, ``dir``,
+            ``dtype``, ``chunk_mb``, ``batch_size``: ``genlab.data.text_cache``); None: off.
         ema_decay: EMA decay (warmed up with the step count), or None for no EMA.
         channels_last: run the network in channels-last memory format.
         sampler, guidance_scale, thresholding, threshold_percentile: sampling defaults.
@@ -124,6 +126,7 @@ class DiffusionModel(L.LightningModule):
         offset_noise: float = 0.0,
         cond_drop_prob: float = 0.1,
         tokenizer_vocab_size: int | None = 512,
+        text_cache: dict[str, Any] | None = None,
         ema_decay: float | None = 0.999,
         channels_last: bool = False,
         sampler: Sampler | None = None,
@@ -166,7 +169,9 @@ class DiffusionModel(L.LightningModule):
         )
         self.alpha_bar_table = self.schedule.alpha_bar(torch.arange(num_timesteps))  # float64
         self.test_bpd = MeanMetric()
-        built = build_conditioners(condition, text_encoder, num_classes, tokenizer_vocab_size)
+        built = build_conditioners(
+            condition, text_encoder, num_classes, tokenizer_vocab_size, text_cache
+        )
         modules = {"net": net, **built, **(conditioners or {})}
         self.denoiser = nn.ModuleDict(modules)
         if channels_last:
@@ -254,6 +259,8 @@ class DiffusionModel(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.space.on_fit_start(self.trainer)
+        for conditioner in self.conditioners.values():
+            conditioner.on_fit_start(self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for part in (self.space, *self.conditioners.values()):
