@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab.callbacks.step_seeds import StepSeeds
 from genlab.utils.checkpoint import AtomicCheckpointIO, ModelConfigInCheckpoint
+from genlab.utils.cuda import set_tf32
 from genlab.utils.first_stages import resolve_first_stage
 from genlab.utils.frozen_parts import build_missing_parts
 from genlab.utils.instantiate import instantiate
@@ -45,6 +46,7 @@ TOP_LEVEL = {
     "ckpt_path": str | None,
     "seed": int | None,
     "optimized_metric": str | None,
+    "tf32": bool,
 }
 
 
@@ -87,6 +89,7 @@ def train(cfg: DictConfig) -> TaskResult:
         plugins=[*instantiate_plugins(cfg.trainer.get("plugins")), AtomicCheckpointIO()],
         **manual_optimization_overrides(model, cfg.trainer),
     )
+    set_tf32(trainer.strategy.root_device.type, cfg.get("tf32", True))  # CUDA only
     log_hyperparameters(cfg=cfg, model=model, trainer=trainer)
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
