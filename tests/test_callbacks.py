@@ -188,5 +188,8 @@ def test_step_timer_times_the_steps_after_the_warm_up(
     if timed:
         assert record["seconds"] > 0
         assert record["seconds_per_step"] == pytest.approx(record["seconds"] / timed)
+        # one optimizer step per batch here; batches of 2 items, one process
+        assert record["timed_batches"] == timed and record["images"] == 2 * timed
+        assert record["images_per_second"] == pytest.approx(2 * timed / record["seconds"])
     else:
-        assert record["seconds_per_step"] is None
+        assert record["seconds_per_step"] is None and record["images_per_second"] is None

@@ -24,8 +24,12 @@ class StepTimer(L.Callback):
     timed step are inside it; the warm-up (first-call allocations, lazy initializations, data-
     dependent inits) and everything after the last batch (validation, checkpoints, grids) are not.
     At train end ``path`` (default ``<trainer.default_root_dir>/step_times.json``) gets
-    ``{"warmup_steps", "timed_steps", "seconds", "seconds_per_step"}``; ``seconds_per_step`` is
-    null when no step was timed (a run of ``max_steps <= warmup_steps``).
+    ``{"warmup_steps", "timed_steps", "seconds", "seconds_per_step", "timed_batches", "images",
+    "images_per_second"}``; ``seconds_per_step`` and ``images_per_second`` are null when no step
+    was timed (a run of ``max_steps <= warmup_steps``). A model that optimizes manually may take
+    several optimizer steps per batch (a GAN's generator and discriminator steps), so throughput
+    is counted in batches: ``images`` is the number of items in the timed batches of all ranks
+    (this rank's count times the world size: every rank trains on equal batches).
 
     Args:
         warmup_steps: optimizer steps (``trainer.global_step``) left out of the timing.
@@ -38,6 +42,7 @@ class StepTimer(L.Callback):
         self.warmup_steps, self.path = warmup_steps, path
         self.start: tuple[int, float] | None = None  # (global step, time) when the clock started
         self.last: tuple[int, float] | None = None
+        self.batches = self.items = 0  # trained on inside the timed window, on this rank
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.warmup_steps == 0:
@@ -52,8 +57,12 @@ class StepTimer(L.Callback):
         batch_idx: int,
     ) -> None:
         step, now = trainer.global_step, self.now()
-        if self.start is None and step >= self.warmup_steps:
-            self.start = (step, now)
+        if self.start is None:
+            if step >= self.warmup_steps:
+                self.start = (step, now)
+        else:
+            self.batches += 1
+            self.items += batch_size(batch)
         self.last = (step, now)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -61,9 +70,14 @@ class StepTimer(L.Callback):
             return
         record: dict[str, Any] = {"warmup_steps": self.warmup_steps, "timed_steps": 0}
         record.update(seconds=0.0, seconds_per_step=None)
+        record.update(timed_batches=0, images=0, images_per_second=None)
         if self.start is not None and self.last is not None and self.last[0] > self.start[0]:
             steps, seconds = self.last[0] - self.start[0], self.last[1] - self.start[1]
             record.update(timed_steps=steps, seconds=seconds, seconds_per_step=seconds / steps)
+            images = self.items * trainer.world_size
+            record.update(
+                timed_batches=self.batches, images=images, images_per_second=images / seconds
+            )
         path = Path(self.path or Path(trainer.default_root_dir) / "step_times.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
@@ -74,3 +88,16 @@ class StepTimer(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+def batch_size(batch: Any) -> int:
+    """The number of items in a training batch: the length of its ``index`` (the data contract),
+    else of its ``image``, else of its first tensor; 0 if it has none."""
+    if isinstance(batch, dict):
+        for key in ("index", "image"):
+            if torch.is_tensor(batch.get(key)):
+                return len(batch[key])
+        batch = list(batch.values())
+    if isinstance(batch, list | tuple):
+        return next((len(t) for t in batch if torch.is_tensor(t) and t.dim() > 0), 0)
+    return len(batch) if torch.is_tensor(batch) and batch.dim() > 0 else 0
