@@ -125,7 +125,7 @@ def main() -> None:
         encode = run(first_stage, ["model.space.cache_latents=false"], args)
         built = run(first_stage, cache, args)
         reused = run(first_stage, cache, args)
-        megabytes = sum(f.stat().st_size for f in folder.glob("*.pt")) / 1e6
+        megabytes = sum(f.stat().st_size for f in folder.glob("*/*.npy")) / 1e6
     print(
         f"experiment=ldm_shapes at 64 px: median s/batch of {encode['batch']} images over "
         f"{args.steps - args.warmup} batches, {args.threads} thread(s)"
