@@ -26,10 +26,10 @@ class StepTimer(L.Callback):
     At train end ``path`` (default ``<trainer.default_root_dir>/step_times.json``) gets
     ``{"warmup_steps", "timed_steps", "seconds", "seconds_per_step", "timed_batches", "images",
     "images_per_second"}``; ``seconds_per_step`` and ``images_per_second`` are null when no step
-    was timed (a run of ``max_steps <= warmup_steps``). A model that optimizes manually may take
-    several optimizer steps per batch (a GAN's generator and discriminator steps), so throughput
-    is counted in batches: ``images`` is the number of items in the timed batches of all ranks
-    (this rank's count times the world size: every rank trains on equal batches).
+    was timed (a run of ``max_steps <= warmup_steps``). ``images`` counts the items of the timed
+    training batches of all ranks (this rank's count times the world size: every rank trains on
+    equal batches), whatever the steps per batch (genlab's adversarial models count one per batch;
+    a model that counted several would still be measured per batch).
 
     Args:
         warmup_steps: optimizer steps (``trainer.global_step``) left out of the timing.
