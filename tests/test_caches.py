@@ -17,7 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_DATA, TINY_UNET, compose_model, quiet_trainer, shapes_data
+from conftest import (
+    ROOT,
+    TINY_DATA,
+    TINY_TRAINER,
+    TINY_UNET,
+    check_ok,
+    compose_model,
+    quiet_trainer,
+    run_entry,
+    shapes_data,
+)
 from genlab.data import chunked_store
 from genlab.data.chunked_store import ChunkedStore, build_store, chunk_ranges, is_complete
 from genlab.data.text_cache import TextCacheOptions
@@ -167,6 +177,43 @@ def test_text_cache_gives_the_encoders_losses_and_is_reused(tmp_path, caplog) ->
     half, calls, _ = fit_minilm(tmp_path, *on)  # the default float16: another store
     assert len(list(cache_dir.glob("*/manifest.json"))) == 2 and calls == [len(captions)]
     torch.testing.assert_close(half, plain, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.slow  # two gloo processes, each loading MiniLM: about 60 s
+def test_text_cache_is_built_by_two_ddp_ranks(tmp_path) -> None:
+    """Two ranks write their chunks (8 captions each: 0.2 MiB of 25376-byte rows), rank 0 the
+    manifest; the store holds the encoder's features of every caption, in caption order."""
+    cache_dir = tmp_path / "text"
+    result = run_entry(
+        "train.py",
+        "model=ddpm",
+        "model/text_encoder=minilm",
+        *TINY_DATA,
+        "data.train_size=32",
+        *TINY_UNET,
+        "model.text_cache.enabled=true",
+        f"model.text_cache.dir={cache_dir}",
+        "model.text_cache.chunk_mb=0.2",
+        "model.text_cache.batch_size=4",
+        "trainer=ddp_cpu",
+        *TINY_TRAINER,
+        "trainer.max_steps=2",
+        "test=false",
+        "callbacks.sample_grid=null",
+        "callbacks.generative_metrics=null",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        tmp_path=tmp_path,
+    )
+    check_ok(result)
+    (manifest,) = cache_dir.glob("*/manifest.json")
+    store = ChunkedStore(manifest.parent)
+    captions = json.loads((manifest.parent / "captions.json").read_text())
+    assert store.chunk_rows == 8 and len(store.manifest["chunks"]) == -(-len(captions) // 8) > 2
+    from genlab.nn.pretrained_text import MiniLMTextEncoder
+
+    expected = MiniLMTextEncoder(context_length=32).encode(captions)
+    torch.testing.assert_close(store.all("tokens").float(), expected.tokens, rtol=0, atol=2e-3)
+    assert torch.equal(store.all("mask"), expected.mask)
 
 
 def test_text_cache_needs_a_frozen_encoder() -> None:
