@@ -60,6 +60,7 @@ fi
 # ---- a CUDA device, or a clear no --------------------------------------------------------------
 if ((CPU)); then
   GPUS=0
+  DEVICE="the CPU (--cpu)"
   TRAINER=(trainer=default)
   echo "gpu_check: --cpu: the commands run on the CPU (trainer=default); the numbers mean nothing"
 else
@@ -77,8 +78,9 @@ print(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {to
     exit 2
   fi
   GPUS=$(head -n1 <<<"$found")
+  DEVICE=$(tail -n1 <<<"$found")
   TRAINER=(trainer=gpu)
-  echo "gpu_check: $(tail -n1 <<<"$found")"
+  echo "gpu_check: $DEVICE"
 fi
 
 OUT=${OUT:-$ROOT/logs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)}
@@ -164,12 +166,13 @@ for spec in "${RUNS[@]}"; do
 done
 
 # ---- the table ---------------------------------------------------------------------------------
-"$PY" - "$OUT" "$STEPS" "$WARMUP" "${EXTRA[*]-}" <<'EOF' | tee "$OUT/summary.md"
+"$PY" - "$OUT" "$STEPS" "$WARMUP" "${EXTRA[*]-}" "$DEVICE" <<'EOF' | tee "$OUT/summary.md"
 import json, sys
 from pathlib import Path
 
-out, steps, warmup, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-print(f"\n| run | global batch | timed batches | s/batch | images/s |")
+out, steps, warmup, extra, device = Path(sys.argv[1]), *sys.argv[2:6]
+print(f"\nbench/gpu_check.sh on {device}\n")
+print("| run | global batch | timed batches | s/batch | images/s |")
 print("| --- | ---: | ---: | ---: | ---: |")
 for record_file in sorted(out.glob("*/step_times.json"), key=lambda p: p.stat().st_mtime):
     r = json.loads(record_file.read_text())
@@ -181,7 +184,7 @@ for record_file in sorted(out.glob("*/step_times.json"), key=lambda p: p.stat().
     per_batch = r["seconds"] / r["timed_batches"]
     print(f"| {name} | {batch:.0f} | {r['timed_batches']} | {per_batch:.4f} | "
           f"{r['images_per_second']:.0f} |")
-print(f"\n{steps} optimizer steps per run, the first {warmup} untimed; bf16 autocast"
+print(f"\n{steps} training steps per run, the first {warmup} untimed; bf16 autocast"
       + (f"; extra overrides: {extra}" if extra.strip() else ""))
 EOF
 
