@@ -173,8 +173,8 @@ def checkpoint_to_test(trainer: L.Trainer, cfg: DictConfig) -> str | None:
 def main(cfg: DictConfig) -> float | None:
     """Validate the composed config, train, and return the metric named by optimized_metric."""
     validate_config(cfg, TOP_LEVEL)
-    if cfg.get("ckpt_path") not in (None, "last", "auto") and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file")
+    if cfg.get("ckpt_path") not in (None, "last", "auto") and not Path(cfg.ckpt_path).exists():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint (file or shard folder)")
     resolve_first_stage(cfg)  # an LDM's first stage: given, found or built; data.resolution follows
     extras(cfg)
     try:
