@@ -97,7 +97,10 @@ def test_ldm_coco_builds_its_first_stage_once_and_data_follows(coco_dir, tmp_pat
     log = first.stdout + first.stderr
     (built,) = (coco_dir / "first_stages").glob("*.ckpt")
     assert built.name.startswith("vae_coco_coco_16px_")
-    assert "building it once with `python src/train.py experiment=vae_coco" in log
+    (line,) = [
+        row for row in log.splitlines() if "building it once with `python src/train.py" in row
+    ]
+    assert f"paths.data_dir={coco_dir}" in line and "experiment=vae_coco" in line  # the command run
     assert "data.resolution: 64 -> 16 px" in log
     assert (built.parent / (built.name + ".json")).is_file()
     assert not list(built.parent.glob("*.lock"))

@@ -143,3 +143,12 @@ def test_progress_forced_on_draws_on_rank_zero_only(capsys, monkeypatch) -> None
     finally:
         progress.disable(False)
     assert capsys.readouterr() == ("", "")
+
+
+def test_verdicts_name_the_cells_as_the_shapes_captions_do() -> None:
+    """evaluation/ may not import a dataset (tests/test_imports.py), so the verdicts keep their
+    own copy of the shapes grid's cell names: it must stay the dataset's."""
+    from genlab.data.shapes import CELLS
+    from genlab.evaluation.verdicts import POSITIONS
+
+    assert POSITIONS == CELLS

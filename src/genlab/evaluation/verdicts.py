@@ -16,7 +16,7 @@ import torch
 
 from genlab.metrics.text_image import ATTRIBUTES, EMPTY
 
-POSITIONS = (  # row-major 3x3 grid cells, as the shapes captions name them
+POSITIONS = (  # row-major 3x3 grid cells: genlab.data.shapes.CELLS (no dataset import here; tested)
     "top left",
     "top",
     "top right",

@@ -16,6 +16,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,34 +119,36 @@ def wait_for(path: Path, lock: Path, *, name: str, seconds: float) -> Path:
     )
 
 
-def build(path: Path, recipe: list[str], *, name: str) -> None:
-    """Run the recipe's training in a subprocess and install its ``last.ckpt`` at ``path``."""
+def build(path: Path, recipe: Sequence[str], *, name: str) -> None:
+    """Run ``src/train.py <recipe>`` in a subprocess (:func:`run_build`) and install its
+    ``last.ckpt`` at ``path`` without the training state, with ``<path>.json`` beside it. Used
+    for the evaluators and for an LDM's first stage (:mod:`genlab.utils.first_stages`)."""
     run_dir = path.with_name(f"{path.stem}_build")
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    command = build_command(recipe, run_dir)
     shown = "python src/train.py " + " ".join(recipe)
+    log_file = run_dir / "build.log"
     log.warning(
-        "%s: no checkpoint at %s; building it once with `%s` (log: %s/build.log)",
+        "%s: no checkpoint at %s; building it once with `%s` (log: %s); later runs reuse it",
         name,
         path,
         shown,
-        run_dir,
+        log_file,
     )
     run_dir.mkdir(parents=True)
     start = time.monotonic()
-    with open(run_dir / "build.log", "w") as out:
-        result = run_with_spinner(command, out, f"building the {name} evaluator")
+    returncode = run_build(build_command(recipe, run_dir), log_file, f"building the {name}")
     made = run_dir / "checkpoints" / "last.ckpt"
-    if result.returncode != 0 or not made.is_file():
-        tail = (run_dir / "build.log").read_text()[-3000:]
+    if returncode != 0 or not made.is_file():
+        tail = log_file.read_text()[-3000:]
         raise RuntimeError(
-            f"{name}: building the evaluator with `{shown}` failed (exit code "
-            f"{result.returncode}); the end of {run_dir / 'build.log'}:\n{tail}"
+            f"{name}: building it with `{shown}` failed (exit code {returncode}); the end of "
+            f"{log_file}:\n{tail}"
         )
     install_weights(made, path)  # atomic: readers see no file or the whole file
     info = {
         "command": shown,
+        "overrides": list(recipe),
         "run_dir": str(run_dir),
         "built": datetime.datetime.now().isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - start, 1),
@@ -154,14 +157,56 @@ def build(path: Path, recipe: list[str], *, name: str) -> None:
     log.warning("%s: built %s in %.0f s", name, path, info["seconds"])
 
 
-def run_with_spinner(command: list[str], out, description: str) -> subprocess.CompletedProcess:
-    """Run ``command`` with its output in the file ``out``, under a spinner with the elapsed
-    time at a terminal (:mod:`genlab.utils.progress`: nothing is printed elsewhere)."""
-    with progress.bar(description) as bar:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True)
-        while process.poll() is None:
-            time.sleep(0.5 if bar.shown else 0.1)
-    return subprocess.CompletedProcess(command, process.returncode)
+PROGRESS_SECONDS = 30.0  # a build logs a progress line this often
+DISTRIBUTED = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK"}
+DISTRIBUTED |= {"MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "GENLAB_RUN_ID"}
+
+
+def run_build(command: list[str], log_file: Path, description: str) -> int:
+    """Run a build ``command`` with its output in ``log_file`` and return its exit code: under a
+    spinner at a terminal (:mod:`genlab.utils.progress`), with a log line every
+    ``PROGRESS_SECONDS`` (the log's last line), as one process (:func:`single_process_env`); if
+    this process is interrupted, the build is stopped too (and leaves no checkpoint)."""
+    start = time.monotonic()
+    with open(log_file, "w") as out, progress.bar(description):
+        child = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, text=True, env=single_process_env()
+        )
+        try:
+            while True:
+                try:
+                    child.wait(timeout=PROGRESS_SECONDS)
+                    break
+                except subprocess.TimeoutExpired:
+                    minutes = (time.monotonic() - start) / 60
+                    log.info("%s: %.1f min; %s", description, minutes, last_line(log_file))
+        except BaseException:
+            child.terminate()
+            child.wait()
+            raise
+    return child.returncode
+
+
+def single_process_env() -> dict[str, str]:
+    """This process's environment without what would make a build a rank of this run's job
+    (torchrun's and Lightning's variables, SLURM's): the recipe runs as one process."""
+    return {
+        k: v for k, v in os.environ.items() if k not in DISTRIBUTED and not k.startswith("SLURM_")
+    }
+
+
+def last_line(log_file: Path) -> str:
+    """The last non-empty line of a build log (progress bars' carriage returns split too)."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # colours and cursor moves
+    lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+    return lines[-1][-160:] if lines else "(no output yet)"
 
 
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks", "MixedPrecision")

@@ -11,7 +11,7 @@ the model is built: ``python src/train.py model=ldm data=coco`` works as typed.
   where the key is a hash of the recipe's composed model, data and step budget. When that file
   is missing it is built once, by running the recipe (``python src/train.py <recipe>
   paths.data_dir=<this run's>``) in a subprocess, with its log in ``<file stem>_build/build.log``
-  and a progress line every ``PROGRESS_SECONDS``; a lock file makes a second process wait for
+  and a progress line every 30 s (``genlab.metrics.evaluators.build``, as for the evaluators); a lock file makes a second process wait for
   the first one's build instead of building again (whichever rank of a distributed job gets the
   lock builds, as one process), and the checkpoint (weights, no training state) is installed by
   an atomic rename, so a reader sees no file or the whole file.
@@ -24,14 +24,9 @@ disagreement is an error that says both ways out. A diffusers first stage is con
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
-import os
 import re
-import shutil
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +37,6 @@ from genlab.utils.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
-PROGRESS_SECONDS = 30.0
 KEY = "model.space"
 
 
@@ -127,7 +121,7 @@ def ensure_first_stage(
 ) -> Path:
     """The first stage of ``recipe`` for ``data_dir``: found in ``folder``, or built once (locked,
     installed atomically)."""
-    from genlab.metrics.evaluators import take_lock, wait_for
+    from genlab.metrics.evaluators import build, take_lock, wait_for
 
     description = recipe_description(recipe, data_dir)
     path = first_stage_file(recipe, folder, description)
@@ -142,90 +136,10 @@ def ensure_first_stage(
         return wait_for(path, lock, name="first stage", seconds=wait_seconds)
     try:
         if not path.is_file():  # built by another process between the check and the lock
-            build(path, description["recipe"], shown=shown)
+            build(path, description["recipe"], name="first stage")
     finally:
         lock.unlink(missing_ok=True)
     return path
-
-
-def build(path: Path, recipe: list[str], *, shown: str) -> None:
-    """Run ``src/train.py <recipe>`` in a subprocess, with a progress line every
-    ``PROGRESS_SECONDS``; install its ``last.ckpt`` at ``path`` without the training state."""
-    from genlab.metrics.evaluators import build_command, install_weights
-
-    run_dir = path.with_name(f"{path.stem}_build")
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    log_file = run_dir / "build.log"
-    log.warning(
-        f"{KEY}.first_stage_ckpt=null: no first stage at {path} for this data and resolution; "
-        f"building it once with `{shown}` (log: {log_file}); later runs reuse it"
-    )
-    start = time.monotonic()
-    with open(log_file, "w") as out:
-        child = subprocess.Popen(
-            build_command(recipe, run_dir),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=single_process_env(),
-        )
-        try:
-            while True:
-                try:
-                    child.wait(timeout=PROGRESS_SECONDS)
-                    break
-                except subprocess.TimeoutExpired:
-                    minutes = (time.monotonic() - start) / 60
-                    log.info(f"building the first stage: {minutes:.1f} min; {last_line(log_file)}")
-        except BaseException:  # interrupted: stop the build too, leave no checkpoint
-            child.terminate()
-            child.wait()
-            raise
-    made = run_dir / "checkpoints" / "last.ckpt"
-    if child.returncode != 0 or not made.is_file():
-        tail = log_file.read_text()[-3000:]
-        raise RuntimeError(
-            f"building the first stage with `{shown}` failed (exit code {child.returncode}); "
-            f"the end of {log_file}:\n{tail}"
-        )
-    install_weights(made, path)  # atomic: readers see no file or the whole file
-    info = {
-        "command": shown,
-        "overrides": recipe,
-        "run_dir": str(run_dir),
-        "built": datetime.datetime.now().isoformat(timespec="seconds"),
-        "seconds": round(time.monotonic() - start, 1),
-    }
-    path.with_name(path.name + ".json").write_text(json.dumps(info, indent=2) + "\n")
-    log.warning(f"built the first stage {path} in {info['seconds']:.0f} s")
-
-
-DISTRIBUTED = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK"}
-DISTRIBUTED |= {"MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "GENLAB_RUN_ID"}
-
-
-def single_process_env() -> dict[str, str]:
-    """This process's environment without what would make the build a rank of this run's job
-    (torchrun's and Lightning's variables, SLURM's): the recipe runs as one process."""
-    return {
-        k: v for k, v in os.environ.items() if k not in DISTRIBUTED and not k.startswith("SLURM_")
-    }
-
-
-def last_line(log_file: Path) -> str:
-    """The last non-empty line of a build log (progress bars' carriage returns split too)."""
-    try:
-        with open(log_file, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # colours and cursor moves
-    lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
-    return lines[-1][-160:] if lines else "(no output yet)"
 
 
 # ----------------------------------------------------------------------------------------------
